@@ -1,0 +1,113 @@
+//! The op set a backend provides. The model calls these and nothing else, so the CPU reference
+//! and the CUDA backend run the same Llama.
+
+use yalis_core::weights::HostTensor;
+
+use crate::Result;
+
+/// One sequence's part of a step: `len` new tokens at positions `start_pos..start_pos + len`,
+/// cached in KV slot `slot`. Prefill has `start_pos = 0, len = prompt length`; decode has
+/// `len = 1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqChunk {
+    pub slot: usize,
+    pub start_pos: usize,
+    pub len: usize,
+}
+
+/// The sequences of one forward step; their tokens are packed in this order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepBatch {
+    pub seqs: Vec<SeqChunk>,
+}
+
+impl StepBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.len).sum()
+    }
+
+    /// Position of every packed token.
+    pub fn positions(&self) -> Vec<usize> {
+        self.seqs.iter().flat_map(|s| s.start_pos..s.start_pos + s.len).collect()
+    }
+
+    /// Packed row of each sequence's last token.
+    pub fn last_rows(&self) -> Vec<usize> {
+        self.seqs
+            .iter()
+            .scan(0, |end, s| {
+                *end += s.len;
+                Some(*end - 1)
+            })
+            .collect()
+    }
+}
+
+/// Column layout of a fused QKV activation `[tokens, (q_heads + 2 kv_heads) * head_dim]`:
+/// all query heads, then the key heads, then the value heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QkvLayout {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkvLayout {
+    pub fn width(&self) -> usize {
+        (self.q_heads + 2 * self.kv_heads) * self.head_dim
+    }
+}
+
+/// The op set. Activations are 2-D `[rows, cols]`; weights keep the HF `[out, in]` layout.
+/// Every op writes all of its output.
+pub trait Backend {
+    type Tensor;
+    type Weight;
+    /// One layer's K and V for every slot: `[slots, max_seq, kv_heads, head_dim]` each.
+    type KvCache;
+
+    fn describe(&self) -> String;
+    fn upload(&self, w: &HostTensor) -> Result<Self::Weight>;
+    fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    fn alloc_kv_cache(&self, slots: usize, max_seq: usize, kv_heads: usize, head_dim: usize) -> Result<Self::KvCache>;
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Waits for all work enqueued so far (for timing).
+    fn sync(&self) -> Result<()>;
+
+    /// `out[t] = table[ids[t] - vocab_start]`, or zeros where the id is not in this shard.
+    fn embedding(&self, ids: &[u32], table: &Self::Weight, vocab_start: usize, out: &mut Self::Tensor) -> Result<()>;
+    /// `out[m, n] = sum_k x[m, k] * w[n, k]`.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight, out: &mut Self::Tensor) -> Result<()>;
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32, out: &mut Self::Tensor) -> Result<()>;
+    /// `residual += delta; out = rms_norm(residual) * w`.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// `acc += x`.
+    fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
+    /// Rotates the q and k heads of `qkv` in place (HF half-split pairs); `cos`/`sin` are
+    /// `[max_positions, head_dim / 2]` f32 tables.
+    fn rope(&self, qkv: &mut Self::Tensor, layout: QkvLayout, batch: &StepBatch, cos: &Self::Weight, sin: &Self::Weight) -> Result<()>;
+    /// Stores the k and v heads of `qkv` at their slots and positions.
+    fn write_kv(&self, qkv: &Self::Tensor, layout: QkvLayout, batch: &StepBatch, cache: &mut Self::KvCache) -> Result<()>;
+    /// Causal attention of each new token over its sequence's cache up to its own position
+    /// (the new tokens' K and V are already written). `out` is `[tokens, q_heads * head_dim]`.
+    fn attention(&self, qkv: &Self::Tensor, layout: QkvLayout, batch: &StepBatch, cache: &Self::KvCache, out: &mut Self::Tensor) -> Result<()>;
+    /// `gate_up` is `[rows, 2 i]` (gate columns, then up); `out[r, j] = silu(gate) * up`.
+    fn silu_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+    /// `out[i] = x[rows[i]]`.
+    fn select_rows(&self, x: &Self::Tensor, rows: &[usize], out: &mut Self::Tensor) -> Result<()>;
+
+    /// In-place sum over the TP group.
+    fn all_reduce(&self, x: &mut Self::Tensor) -> Result<()>;
+    /// `out = [x of tp rank 0 | x of tp rank 1 | ...]` along columns.
+    fn all_gather_cols(&self, x: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+    /// PP: send to the next stage / receive from the previous one (same TP rank).
+    fn send_next(&self, x: &Self::Tensor) -> Result<()>;
+    fn recv_prev(&self, x: &mut Self::Tensor) -> Result<()>;
+}

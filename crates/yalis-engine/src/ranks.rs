@@ -1,0 +1,72 @@
+//! Ranks as threads of this process: one per (PP stage, TP rank), each with its own backend and
+//! shards, talking through the local communicators.
+
+use std::time::Duration;
+
+use yalis_comm::{local_job, RankComms};
+use yalis_core::{ParallelPlan, RankPlan};
+
+use crate::{Error, Result};
+
+pub fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Runs `f` once per rank on its own thread and returns the results in rank order. The first
+/// rank to fail (error or panic) aborts the others, whose communicator calls then fail; its
+/// error is the one returned, naming the rank and host.
+pub fn run_threads<R: Send>(plan: &ParallelPlan, timeout: Duration, f: impl Fn(&RankPlan, RankComms) -> Result<R> + Sync) -> Result<Vec<R>> {
+    let (comms, abort) = local_job(plan.tp, plan.pp, timeout);
+    let host = host();
+    let results: Vec<std::result::Result<R, (bool, Error)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = plan
+            .ranks
+            .iter()
+            .zip(comms)
+            .map(|(rp, c)| {
+                let (f, abort, host) = (&f, abort.clone(), host.clone());
+                std::thread::Builder::new()
+                    .name(format!("rank{}", rp.rank))
+                    .spawn_scoped(s, move || {
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(rp, c)));
+                        let r = match r {
+                            Ok(r) => r,
+                            Err(p) => {
+                                let msg = p
+                                    .downcast_ref::<String>()
+                                    .cloned()
+                                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                    .unwrap_or_else(|| "panic".into());
+                                Err(Error::Invalid(format!("panicked: {msg}")))
+                            }
+                        };
+                        r.map_err(|e| {
+                            let secondary = matches!(&e, Error::Comm(c) if c.is_secondary());
+                            if !secondary {
+                                abort.abort(&format!("rank {} on {host} failed: {e}", rp.rank));
+                            }
+                            (secondary, Error::Rank { rank: rp.rank, host: host.clone(), msg: e.to_string() })
+                        })
+                    })
+                    .expect("spawning a rank thread")
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank threads catch their panics")).collect()
+    });
+    // Report the rank that failed first, not the ranks that were aborted because of it.
+    let mut secondary = None;
+    let mut ok = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(v) => ok.push(v),
+            Err((false, e)) => return Err(e),
+            Err((true, e)) => {
+                secondary.get_or_insert(e);
+            }
+        }
+    }
+    secondary.map_or(Ok(ok), Err)
+}
