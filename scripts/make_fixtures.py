@@ -104,7 +104,7 @@ def redraw(model, spec, gen):
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.6 if spec["tied"] else 1.0))
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.15 if spec["tied"] else 1.0))
             elif p.dim() == 2:  # Linear [out, in]
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
             else:
@@ -140,8 +140,15 @@ def build(name, spec, out_dir):
     model = LlamaForCausalLM(cfg).eval()
     model.config._attn_implementation = "eager"
     redraw(model, spec, gen)
-    # The reference uses the weights exactly as stored on disk.
+    # The reference uses the weights exactly as stored on disk. Casting the module also casts
+    # the RoPE inv_freq buffer, which would round the reference's frequencies to bf16 (an error
+    # that grows with position, not part of the checkpoint): restore the f32 frequencies.
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.clone()
     model = model.to(spec["dtype"]).to(torch.float32).eval()
+    rotary.inv_freq = inv_freq
+    if hasattr(rotary, "original_inv_freq"):
+        rotary.original_inv_freq = inv_freq
     input_ids = []
     for p in PROMPTS:
         ids = tok.encode(p).ids
@@ -154,6 +161,7 @@ def build(name, spec, out_dir):
         gens.append(g)
         logits.append(l)
         margins.append(m)
+    assert torch.equal(rotary.inv_freq, inv_freq) and rotary.inv_freq.dtype == torch.float32
     save_file({"logits": torch.stack(logits).contiguous()}, os.path.join(d, "reference.safetensors"))
     model.to(spec["dtype"]).save_pretrained(d, max_shard_size=spec["shard"])
     ref = {

@@ -201,7 +201,7 @@ impl ModelConfig {
         let num_key_value_heads = f.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
         let head_dim = match f.usize_opt("head_dim")? {
             Some(d) => d,
-            None if num_attention_heads > 0 && hidden_size % num_attention_heads == 0 => {
+            None if num_attention_heads > 0 && hidden_size.is_multiple_of(num_attention_heads) => {
                 hidden_size / num_attention_heads
             }
             None => {
@@ -312,16 +312,16 @@ impl ModelConfig {
                 return Err(format!("'{k}' must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(format!(
                 "num_attention_heads={} is not a multiple of num_key_value_heads={}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim={} must be even for RoPE", self.head_dim));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err("rms_norm_eps and rope_theta must be positive".into());
         }
         if let Some(b) = self.bos_token_id {
@@ -455,7 +455,7 @@ mod tests {
         assert!(e.contains("num_key_value_heads=3"), "{e}");
         let e = parse(r#", "model_type": "mistral""#).unwrap_err().to_string();
         assert!(e.contains("mistral"), "{e}");
-        let e = ModelConfig::from_json_str("{\"hidden_size\": 64}", "cfg.json").unwrap_err().to_string();
+        let e = ModelConfig::from_json_str("{\"hidden_size\": 64, \"num_attention_heads\": 4}", "cfg.json").unwrap_err().to_string();
         assert!(e.contains("cfg.json") && e.contains("intermediate_size"), "{e}");
         let e = ModelConfig::from_json_str("[1,", "cfg.json").unwrap_err().to_string();
         assert!(e.contains("not valid JSON"), "{e}");

@@ -5,7 +5,10 @@
 pub mod config;
 pub mod error;
 pub mod plan;
+pub mod report;
 pub mod rng;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{ModelConfig, ResolvedModel, RopeScaling};

@@ -88,20 +88,20 @@ impl ParallelPlan {
         }
         let heads = cfg.num_attention_heads;
         let kv = cfg.num_key_value_heads;
-        if heads % tp != 0 {
+        if !heads.is_multiple_of(tp) {
             return err(format!("tp={tp} does not divide num_attention_heads={heads}"));
         }
-        if tp <= kv && kv % tp != 0 {
+        if tp <= kv && !kv.is_multiple_of(tp) {
             return err(format!(
                 "tp={tp} does not divide num_key_value_heads={kv} (use a tp that divides {kv}, or a multiple of it)"
             ));
         }
-        if tp > kv && tp % kv != 0 {
+        if tp > kv && !tp.is_multiple_of(kv) {
             return err(format!(
                 "tp={tp} exceeds num_key_value_heads={kv} but is not a multiple of it, so KV heads cannot be replicated evenly"
             ));
         }
-        if cfg.intermediate_size % tp != 0 {
+        if !cfg.intermediate_size.is_multiple_of(tp) {
             return err(format!(
                 "tp={tp} does not divide intermediate_size={}",
                 cfg.intermediate_size
@@ -222,6 +222,7 @@ impl ParallelPlan {
     /// the numbers.
     pub fn check_fits(&self, cfg: &ModelConfig, p: MemoryParams, capacity: u64) -> Result<()> {
         let (rank, m) = (0..self.world_size())
+            .rev() // the first of equals: max_by_key keeps the last
             .map(|r| (r, self.memory(cfg, r, p)))
             .max_by_key(|(_, m)| m.total())
             .expect("a plan has at least one rank");
@@ -286,7 +287,7 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         "tib" => 1024f64.powi(4),
         u => return Err(Error::Invalid(format!("'{s}': unknown unit '{u}' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"))),
     };
-    if !(v >= 0.0) || !v.is_finite() {
+    if !v.is_finite() || v < 0.0 {
         return Err(Error::Invalid(format!("'{s}' is not a size")));
     }
     Ok((v * mult) as u64)
@@ -324,8 +325,8 @@ mod tests {
             let group = c.num_attention_heads / c.num_key_value_heads;
             let mut covered = vec![0; c.num_attention_heads];
             for r in &plan.ranks {
-                for q in r.q_head_start..r.q_head_start + r.num_heads_per_rank {
-                    covered[q] += 1;
+                for (q, c) in covered.iter_mut().enumerate().skip(r.q_head_start).take(r.num_heads_per_rank) {
+                    *c += 1;
                     let kv = q / group;
                     assert!(kv >= r.kv_head_start && kv < r.kv_head_start + r.num_kv_heads_per_rank);
                 }
