@@ -8,19 +8,12 @@ use yalis_core::{ParallelPlan, RankPlan};
 
 use crate::{Error, Result};
 
-pub fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "localhost".into())
-}
-
 /// Runs `f` once per rank on its own thread and returns the results in rank order. The first
 /// rank to fail (error or panic) aborts the others, whose communicator calls then fail; its
 /// error is the one returned, naming the rank and host.
 pub fn run_threads<R: Send>(plan: &ParallelPlan, timeout: Duration, f: impl Fn(&RankPlan, RankComms) -> Result<R> + Sync) -> Result<Vec<R>> {
     let (comms, abort) = local_job(plan.tp, plan.pp, timeout);
-    let host = host();
+    let host = yalis_core::report::hostname();
     let results: Vec<std::result::Result<R, (bool, Error)>> = std::thread::scope(|s| {
         let handles: Vec<_> = plan
             .ranks

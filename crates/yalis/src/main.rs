@@ -1,1 +1,47 @@
-fn main(){}
+//! `yalis`: the batch-latency benchmark (no subcommand), `generate` and `plan`.
+
+mod bench;
+mod common;
+mod generate;
+mod plan;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "yalis",
+    version,
+    about = "A Llama inference engine for multi-GPU latency studies. With no subcommand: the batch-latency benchmark.",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    bench: bench::BenchArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text for one or more prompts.
+    Generate(generate::GenerateArgs),
+    /// Print each rank's shards and memory, and whether it fits.
+    Plan(plan::PlanArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("YALIS_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => bench::run(cli.bench),
+        Some(Command::Generate(a)) => generate::run(a),
+        Some(Command::Plan(a)) => plan::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("yalis: error: {e:#}");
+        std::process::exit(1);
+    }
+}

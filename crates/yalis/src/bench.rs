@@ -1,0 +1,171 @@
+//! The batch-latency benchmark, the main job: for every TP x PP layout and every (batch size,
+//! input length, output length), prefill then decode on random prompts, timed per phase.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+use yalis_core::plan::MemoryParams;
+use yalis_core::report::{append_jsonl, format_table, Summary};
+use yalis_core::rng::Rng;
+use yalis_core::sampling::SamplingParams;
+use yalis_core::ParallelPlan;
+use yalis_engine::ranks::run_threads;
+use yalis_engine::GenerateOptions;
+
+use crate::common::{banner, build_engine, check_seq_len, provenance, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tensor-parallel degrees (a comma list runs each).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub tp: Vec<usize>,
+    /// Pipeline-parallel degrees (a comma list runs each).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub pp: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub batch_size: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, value_delimiter = ',', default_value = "32")]
+    pub input_len: Vec<usize>,
+    /// Generated tokens per sequence (the first comes from the prefill).
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    pub output_len: Vec<usize>,
+    #[arg(long, default_value_t = 2)]
+    pub num_iters_warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    pub num_iters: usize,
+    /// Seed of the dummy weights and the random prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Append one JSON record per configuration to this file (never overwritten).
+    #[arg(long)]
+    pub output_json: Option<PathBuf>,
+}
+
+/// One timed iteration.
+struct Iter {
+    total: Duration,
+    prefill: Duration,
+    decode_steps: Vec<Duration>,
+}
+
+fn ms(d: &Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// `batch` prompts of `len` random ids, the same for every rank and run with this seed.
+fn random_prompts(seed: u64, batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|i| {
+            let mut rng = Rng::new(seed, 1000 + i as u64);
+            (0..len).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
+        })
+        .collect()
+}
+
+fn check_args(a: &BenchArgs) -> Result<()> {
+    for (flag, v) in [("--tp", &a.tp), ("--pp", &a.pp), ("--batch-size", &a.batch_size), ("--input-len", &a.input_len), ("--output-len", &a.output_len)] {
+        if v.is_empty() || v.contains(&0) {
+            bail!("{flag} takes positive integers (a comma list runs each), got {v:?}");
+        }
+    }
+    if a.num_iters == 0 {
+        bail!("--num-iters must be at least 1");
+    }
+    Ok(())
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    check_args(&a)?;
+    let model = a.model.resolve()?;
+    let rt = a.model.runtime()?;
+    let src = a.model.weight_source(&model, a.seed)?;
+    let mut configs = Vec::new();
+    for &b in &a.batch_size {
+        for &i in &a.input_len {
+            for &o in &a.output_len {
+                configs.push((b, i, o));
+            }
+        }
+    }
+    let max_batch = *a.batch_size.iter().max().unwrap();
+    let max_seq = configs.iter().map(|&(_, i, o)| i + o).max().unwrap();
+    check_seq_len(&model, max_seq)?;
+
+    for &pp in &a.pp {
+        for &tp in &a.tp {
+            let plan = ParallelPlan::new(&model.config, tp, pp).with_context(|| format!("--tp {tp} --pp {pp}"))?;
+            let mem = MemoryParams { dtype_bytes: 2, batch_size: max_batch, max_seq_len: max_seq };
+            println!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
+            let per_rank = run_threads(&plan, a.model.timeout(), |rp, comms| {
+                let mut engine = build_engine(&model, rp, comms, src.as_ref(), max_batch, max_seq)?;
+                let mut all = Vec::new();
+                for &(b, i, o) in &configs {
+                    let prompts = random_prompts(a.seed, b, i, model.config.vocab_size);
+                    let opts = GenerateOptions { max_new_tokens: o, sampling: SamplingParams::greedy(), ignore_eos: true, keep_logits: false };
+                    for _ in 0..a.num_iters_warmup {
+                        engine.generate(&prompts, &opts)?;
+                    }
+                    let mut iters = Vec::with_capacity(a.num_iters);
+                    for _ in 0..a.num_iters {
+                        let t0 = Instant::now();
+                        let g = engine.generate(&prompts, &opts)?;
+                        iters.push(Iter { total: t0.elapsed(), prefill: g.prefill, decode_steps: g.decode_steps });
+                    }
+                    all.push(iters);
+                }
+                Ok(all)
+            })?;
+            // Ranks step in lockstep (every step ends with the token broadcast): rank 0 speaks.
+            let results = per_rank.into_iter().next().unwrap();
+            for (&(b, i, o), iters) in configs.iter().zip(results) {
+                report(&a, &model.name, &plan, &rt, (b, i, o), &iters)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(a: &BenchArgs, model: &str, plan: &ParallelPlan, rt: &crate::common::Runtime, (b, i, o): (usize, usize, usize), iters: &[Iter]) -> Result<()> {
+    let latency: Vec<f64> = iters.iter().map(|it| ms(&it.total)).collect();
+    let prefill = Summary::of(&iters.iter().map(|it| ms(&it.prefill)).collect::<Vec<_>>());
+    let decode = Summary::of(&iters.iter().flat_map(|it| it.decode_steps.iter().map(ms)).collect::<Vec<_>>());
+    let lat = Summary::of(&latency);
+    let out_tps = (b * o) as f64 / (lat.mean / 1e3);
+    let total_tps = (b * (i + o)) as f64 / (lat.mean / 1e3);
+    let f = |x: f64| format!("{x:.3}");
+    let row = |name: &str, s: &Summary| vec![name.to_string(), f(s.mean), f(s.std), f(s.p50), f(s.p90), f(s.p99), s.n.to_string()];
+    println!(
+        "== {model}  TP {} x PP {}  batch {b}  input {i}  output {o}  ({} iterations after {} warm-up)",
+        plan.tp, plan.pp, a.num_iters, a.num_iters_warmup
+    );
+    print!(
+        "{}",
+        format_table(
+            &["", "mean", "std", "p50", "p90", "p99", "n"],
+            &[row("prefill ms", &prefill), row("decode ms/step", &decode), row("batch latency ms", &lat)]
+        )
+    );
+    println!("throughput: {out_tps:.1} output tokens/s, {total_tps:.1} tokens/s with the prompt\n");
+    if let Some(path) = &a.output_json {
+        let mut rec = provenance(plan, rt);
+        rec["kind"] = json!("batch_latency");
+        rec["model"] = json!(model);
+        rec["config"] = json!({
+            "batch_size": b, "input_len": i, "output_len": o,
+            "num_iters": a.num_iters, "num_iters_warmup": a.num_iters_warmup, "seed": a.seed,
+            "dummy_weights": a.model.dummy_weights || !std::path::Path::new(&a.model.model).is_dir(),
+        });
+        rec["results"] = json!({
+            "prefill_ms": prefill, "decode_step_ms": decode, "batch_latency_ms": lat,
+            "output_tokens_per_s": out_tps, "tokens_per_s": total_tps, "batch_latencies_ms": latency,
+        });
+        append_jsonl(path, &rec).with_context(|| format!("appending to {}", path.display()))?;
+    }
+    Ok(())
+}
