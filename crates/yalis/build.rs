@@ -12,7 +12,10 @@ fn main() {
     };
     let rev = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
     let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    println!("cargo:rustc-env=YALIS_GIT_REV={rev}{}", if dirty { "-dirty" } else { "" });
+    println!(
+        "cargo:rustc-env=YALIS_GIT_REV={rev}{}",
+        if dirty { "-dirty" } else { "" }
+    );
     if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
         println!("cargo:rerun-if-changed={dir}/HEAD");
         println!("cargo:rerun-if-changed={dir}/index");

@@ -15,7 +15,9 @@ use std::time::Duration;
 pub enum CommError {
     #[error("rank {rank}: the job was aborted: {reason}")]
     Aborted { rank: usize, reason: String },
-    #[error("rank {rank}: timed out after {secs} s in {op}; {detail} (raise --comm-timeout if this is a slow but live job)")]
+    #[error(
+        "rank {rank}: timed out after {secs} s in {op}; {detail} (raise --comm-timeout if this is a slow but live job)"
+    )]
     Timeout {
         rank: usize,
         op: &'static str,
@@ -62,7 +64,12 @@ pub trait HostComm: Send + Sync {
         if output.len() != input.len() * self.size() {
             return Err(CommError::Invalid {
                 rank: self.rank(),
-                msg: format!("all_gather: output has {} elements, expected {} x {}", output.len(), self.size(), input.len()),
+                msg: format!(
+                    "all_gather: output has {} elements, expected {} x {}",
+                    output.len(),
+                    self.size(),
+                    input.len()
+                ),
             });
         }
         let parts = self.all_gather_bytes(&f32_bytes(input))?;

@@ -78,7 +78,13 @@ pub fn local_job(tp: usize, pp: usize, timeout: Duration) -> (Vec<RankComms>, Jo
         timeout,
     });
     let comm = |group: usize, rank: usize, size: usize, world_rank: usize| -> Box<dyn HostComm> {
-        Box::new(LocalComm { hub: hub.clone(), group, rank, size, world_rank })
+        Box::new(LocalComm {
+            hub: hub.clone(),
+            group,
+            rank,
+            size,
+            world_rank,
+        })
     };
     let comms = (0..world)
         .map(|r| {
@@ -111,7 +117,10 @@ impl LocalComm {
         let deadline = Instant::now() + self.hub.timeout;
         loop {
             if let Some(reason) = &st.aborted {
-                return Err(CommError::Aborted { rank: self.world_rank, reason: reason.clone() });
+                return Err(CommError::Aborted {
+                    rank: self.world_rank,
+                    reason: reason.clone(),
+                });
             }
             if let Some(v) = done(&mut st) {
                 return Ok(v);
@@ -128,7 +137,12 @@ impl LocalComm {
                 self.hub.cv.notify_all();
                 return Err(err);
             }
-            st = self.hub.cv.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            st = self
+                .hub
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -145,7 +159,10 @@ impl HostComm for LocalComm {
     fn all_gather_bytes(&self, input: &[u8]) -> Result<Vec<Vec<u8>>> {
         let mut st = self.lock();
         if let Some(reason) = &st.aborted {
-            return Err(CommError::Aborted { rank: self.world_rank, reason: reason.clone() });
+            return Err(CommError::Aborted {
+                rank: self.world_rank,
+                reason: reason.clone(),
+            });
         }
         let g = &mut st.groups[self.group];
         let my_gen = g.generation;
@@ -168,7 +185,12 @@ impl HostComm for LocalComm {
             },
             |st| {
                 let g = &st.groups[group];
-                format!("{} of {} ranks (world ranks {:?}) arrived", g.arrived, g.members.len(), g.members)
+                format!(
+                    "{} of {} ranks (world ranks {:?}) arrived",
+                    g.arrived,
+                    g.members.len(),
+                    g.members
+                )
             },
         )?;
         Ok(result.as_ref().clone())
@@ -176,20 +198,33 @@ impl HostComm for LocalComm {
 
     fn send_bytes(&self, data: &[u8], dst: usize) -> Result<()> {
         if dst >= self.size {
-            return Err(CommError::Invalid { rank: self.world_rank, msg: format!("send to rank {dst} of a group of {}", self.size) });
+            return Err(CommError::Invalid {
+                rank: self.world_rank,
+                msg: format!("send to rank {dst} of a group of {}", self.size),
+            });
         }
         let mut st = self.lock();
         if let Some(reason) = &st.aborted {
-            return Err(CommError::Aborted { rank: self.world_rank, reason: reason.clone() });
+            return Err(CommError::Aborted {
+                rank: self.world_rank,
+                reason: reason.clone(),
+            });
         }
-        st.groups[self.group].mailboxes.entry((self.rank, dst)).or_default().push_back(data.to_vec());
+        st.groups[self.group]
+            .mailboxes
+            .entry((self.rank, dst))
+            .or_default()
+            .push_back(data.to_vec());
         self.hub.cv.notify_all();
         Ok(())
     }
 
     fn recv_bytes(&self, src: usize) -> Result<Vec<u8>> {
         if src >= self.size {
-            return Err(CommError::Invalid { rank: self.world_rank, msg: format!("recv from rank {src} of a group of {}", self.size) });
+            return Err(CommError::Invalid {
+                rank: self.world_rank,
+                msg: format!("recv from rank {src} of a group of {}", self.size),
+            });
         }
         let (group, key) = (self.group, (src, self.rank));
         let st = self.lock();
@@ -211,7 +246,12 @@ mod tests {
     use super::*;
     use std::thread;
 
-    fn run<T: Send + 'static>(tp: usize, pp: usize, timeout: Duration, f: impl Fn(usize, RankComms) -> T + Send + Sync + 'static) -> Vec<T> {
+    fn run<T: Send + 'static>(
+        tp: usize,
+        pp: usize,
+        timeout: Duration,
+        f: impl Fn(usize, RankComms) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
         let f = Arc::new(f);
         let handles: Vec<_> = local_job(tp, pp, timeout)
             .0
@@ -284,7 +324,11 @@ mod tests {
             }
             c.world.barrier().unwrap_err().to_string()
         });
-        assert!(out[0].contains("timed out") && out[0].contains("1 of 2 ranks"), "{}", out[0]);
+        assert!(
+            out[0].contains("timed out") && out[0].contains("1 of 2 ranks"),
+            "{}",
+            out[0]
+        );
         assert!(out[1].contains("aborted") || out[1].contains("timed out"), "{}", out[1]);
     }
 }

@@ -224,7 +224,10 @@ impl ModelConfig {
                     .as_object()
                     .ok_or_else(|| f.err(format!("'{key}' must be an object, found {v}")))?;
                 let sub_path = format!("{}: {key}", f.path);
-                let sub = Fields { obj: o, path: &sub_path };
+                let sub = Fields {
+                    obj: o,
+                    path: &sub_path,
+                };
                 if let Some(t) = sub.f64_opt("rope_theta")? {
                     rope_theta = Some(t);
                 }
@@ -321,7 +324,8 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim={} must be even for RoPE", self.head_dim));
         }
-        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0
+        {
             return Err("rms_norm_eps and rope_theta must be positive".into());
         }
         if let Some(b) = self.bos_token_id {
@@ -386,7 +390,10 @@ mod tests {
         let m = ResolvedModel::resolve("llama-405b").unwrap();
         assert_eq!(m.name, "llama-3.1-405b");
         let c = &m.config;
-        assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads), (16384, 126, 128));
+        assert_eq!(
+            (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
+            (16384, 126, 128)
+        );
         assert_eq!((c.num_key_value_heads, c.head_dim, c.vocab_size), (8, 128, 128256));
         assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
         // Llama 3.1 405B has about 405.8e9 parameters.
@@ -402,7 +409,10 @@ mod tests {
     #[test]
     fn unknown_model_lists_presets() {
         let e = ResolvedModel::resolve("llama-7q").unwrap_err().to_string();
-        assert!(e.contains("llama-7q") && e.contains("llama-3.1-405b") && e.contains("tiny"), "{e}");
+        assert!(
+            e.contains("llama-7q") && e.contains("llama-3.1-405b") && e.contains("tiny"),
+            "{e}"
+        );
     }
 
     const BASE: &str = r#""hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -417,11 +427,15 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!((c.rope_theta, c.num_key_value_heads, c.head_dim), (10000.0, 4, 16));
         assert_eq!(c.rope_scaling, RopeScaling::Default);
-        let old = parse(r#", "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#)
+        let old = parse(
+            r#", "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        )
         .unwrap();
-        let new = parse(r#", "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#)
+        let new = parse(
+            r#", "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        )
         .unwrap();
         assert_eq!(old, new);
         assert_eq!(new.rope_theta, 500000.0);
@@ -455,7 +469,9 @@ mod tests {
         assert!(e.contains("num_key_value_heads=3"), "{e}");
         let e = parse(r#", "model_type": "mistral""#).unwrap_err().to_string();
         assert!(e.contains("mistral"), "{e}");
-        let e = ModelConfig::from_json_str("{\"hidden_size\": 64, \"num_attention_heads\": 4}", "cfg.json").unwrap_err().to_string();
+        let e = ModelConfig::from_json_str("{\"hidden_size\": 64, \"num_attention_heads\": 4}", "cfg.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cfg.json") && e.contains("intermediate_size"), "{e}");
         let e = ModelConfig::from_json_str("[1,", "cfg.json").unwrap_err().to_string();
         assert!(e.contains("not valid JSON"), "{e}");

@@ -17,11 +17,7 @@ pub enum Error {
     #[error("parallel plan: {0}")]
     Plan(String),
     #[error("checkpoint {file}: tensor '{tensor}': {msg}")]
-    Tensor {
-        file: PathBuf,
-        tensor: String,
-        msg: String,
-    },
+    Tensor { file: PathBuf, tensor: String, msg: String },
     #[error("checkpoint {file}: {msg}")]
     Checkpoint { file: PathBuf, msg: String },
     #[error("tokenizer {path}: {msg}")]

@@ -109,7 +109,9 @@ impl ParallelPlan {
         }
         let layers = cfg.num_hidden_layers;
         if pp > layers {
-            return err(format!("pp={pp} exceeds num_hidden_layers={layers}: every stage needs a layer"));
+            return err(format!(
+                "pp={pp} exceeds num_hidden_layers={layers}: every stage needs a layer"
+            ));
         }
         let heads_per_rank = heads / tp;
         let kv_per_rank = if tp <= kv { kv / tp } else { 1 };
@@ -188,7 +190,18 @@ impl ParallelPlan {
         let _ = writeln!(
             s,
             "{:>4} {:>3} {:>3} {:>9} {:>9} {:>9} {:>13} {:>15} {:>10} {:>10} {:>10} {:>10}  fits",
-            "rank", "pp", "tp", "layers", "q heads", "kv heads", "intermediate", "vocab rows", "weights", "kv cache", "workspace", "total"
+            "rank",
+            "pp",
+            "tp",
+            "layers",
+            "q heads",
+            "kv heads",
+            "intermediate",
+            "vocab rows",
+            "weights",
+            "kv cache",
+            "workspace",
+            "total"
         );
         for r in &self.ranks {
             let m = self.memory(cfg, r.rank, p);
@@ -272,9 +285,10 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let v: f64 = num.trim().parse().map_err(|_| {
-        Error::Invalid(format!("'{s}' is not a size: write e.g. 141GB, 80GiB or 512MiB"))
-    })?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| Error::Invalid(format!("'{s}' is not a size: write e.g. 141GB, 80GiB or 512MiB")))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" | "k" => 1e3,
@@ -285,7 +299,11 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         "mib" => 1024f64.powi(2),
         "gib" => 1024f64.powi(3),
         "tib" => 1024f64.powi(4),
-        u => return Err(Error::Invalid(format!("'{s}': unknown unit '{u}' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"))),
+        u => {
+            return Err(Error::Invalid(format!(
+                "'{s}': unknown unit '{u}' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            )))
+        }
     };
     if !v.is_finite() || v < 0.0 {
         return Err(Error::Invalid(format!("'{s}' is not a size")));
@@ -325,7 +343,12 @@ mod tests {
             let group = c.num_attention_heads / c.num_key_value_heads;
             let mut covered = vec![0; c.num_attention_heads];
             for r in &plan.ranks {
-                for (q, c) in covered.iter_mut().enumerate().skip(r.q_head_start).take(r.num_heads_per_rank) {
+                for (q, c) in covered
+                    .iter_mut()
+                    .enumerate()
+                    .skip(r.q_head_start)
+                    .take(r.num_heads_per_rank)
+                {
                     *c += 1;
                     let kv = q / group;
                     assert!(kv >= r.kv_head_start && kv < r.kv_head_start + r.num_kv_heads_per_rank);
@@ -366,14 +389,21 @@ mod tests {
     #[test]
     fn memory_and_fit() {
         let c = cfg("llama-405b");
-        let p = MemoryParams { dtype_bytes: 2, batch_size: 1, max_seq_len: 2048 };
+        let p = MemoryParams {
+            dtype_bytes: 2,
+            batch_size: 1,
+            max_seq_len: 2048,
+        };
         let plan = ParallelPlan::new(&c, 8, 1).unwrap();
         let m = plan.memory(&c, 0, p);
         // 405.8e9 params * 2 bytes / 8 ranks ~ 101 GB of weights per rank.
         assert!((m.weights as f64 / 1e9 - 101.5).abs() < 1.0, "{}", m.weights);
         plan.check_fits(&c, p, parse_bytes("141GB").unwrap()).unwrap();
         let plan4 = ParallelPlan::new(&c, 4, 1).unwrap();
-        let e = plan4.check_fits(&c, p, parse_bytes("141GB").unwrap()).unwrap_err().to_string();
+        let e = plan4
+            .check_fits(&c, p, parse_bytes("141GB").unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not fit") && e.contains("rank 0"), "{e}");
         let sum: u64 = (0..8).map(|r| plan.memory(&c, r, p).weights).sum();
         assert!((sum as f64 - 2.0 * c.num_params() as f64).abs() / (sum as f64) < 0.01);

@@ -66,8 +66,7 @@ pub fn append_jsonl(path: &Path, record: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let mut line =
-        serde_json::to_string(record).map_err(|e| Error::Invalid(format!("report record: {e}")))?;
+    let mut line = serde_json::to_string(record).map_err(|e| Error::Invalid(format!("report record: {e}")))?;
     line.push('\n');
     std::fs::OpenOptions::new()
         .append(true)
@@ -79,9 +78,7 @@ pub fn append_jsonl(path: &Path, record: &serde_json::Value) -> Result<()> {
 
 /// The current time as "YYYY-MM-DDTHH:MM:SSZ".
 pub fn utc_now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     rfc3339_from_unix(secs)
 }
 
@@ -127,10 +124,7 @@ pub fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
         })
         .collect();
     let line = |cells: &mut dyn Iterator<Item = &str>| {
-        let padded: Vec<String> = cells
-            .zip(&widths)
-            .map(|(s, &w)| format!("{s:>w$}"))
-            .collect();
+        let padded: Vec<String> = cells.zip(&widths).map(|(s, &w)| format!("{s:>w$}")).collect();
         padded.join("  ") + "\n"
     };
     let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
@@ -164,10 +158,7 @@ mod tests {
         let ten: Vec<f64> = (1..=10).map(f64::from).collect();
         let s = Summary::of(&ten);
         assert!(close(s.mean, 5.5) && close(s.std, 8.25f64.sqrt()));
-        assert!(
-            close(s.p50, 5.5) && close(s.p90, 9.1) && close(s.p99, 9.91),
-            "{s:?}"
-        );
+        assert!(close(s.p50, 5.5) && close(s.p90, 9.1) && close(s.p99, 9.91), "{s:?}");
 
         let one = Summary::of(&[3.0]);
         assert_eq!((one.p50, one.p99, one.std), (3.0, 3.0, 0.0));

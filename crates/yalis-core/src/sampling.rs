@@ -36,9 +36,7 @@ impl SamplingParams {
         }
         let p = self.top_p;
         if !(p > 0.0 && p <= 1.0) {
-            return Err(Error::Invalid(format!(
-                "--top-p must be in (0, 1] (1 = off), got {p}"
-            )));
+            return Err(Error::Invalid(format!("--top-p must be in (0, 1] (1 = off), got {p}")));
         }
         // --top-k: any count is valid; 0 = off, and a k above the vocab keeps every token.
         Ok(())
@@ -165,10 +163,7 @@ mod tests {
     }
 
     fn softmax(logits: &[f32], t: f32) -> Vec<f64> {
-        let e: Vec<f64> = logits
-            .iter()
-            .map(|&x| (x as f64 / t as f64).exp())
-            .collect();
+        let e: Vec<f64> = logits.iter().map(|&x| (x as f64 / t as f64).exp()).collect();
         let sum: f64 = e.iter().sum();
         e.iter().map(|x| x / sum).collect()
     }

@@ -45,9 +45,7 @@ impl TextTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let (mut ids, bos) = match self {
             TextTokenizer::Hf { inner, bos, .. } => {
-                let enc = inner
-                    .encode(text, true)
-                    .map_err(|e| self.err("encode", e))?;
+                let enc = inner.encode(text, true).map_err(|e| self.err("encode", e))?;
                 (enc.get_ids().to_vec(), *bos)
             }
             TextTokenizer::Bytes { bos, .. } => {
@@ -66,9 +64,7 @@ impl TextTokenizer {
     /// Text of `ids`, skipping special tokens; invalid UTF-8 and unknown ids become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
-            TextTokenizer::Hf { inner, .. } => {
-                inner.decode(ids, true).map_err(|e| self.err("decode", e))
-            }
+            TextTokenizer::Hf { inner, .. } => inner.decode(ids, true).map_err(|e| self.err("decode", e)),
             TextTokenizer::Bytes { .. } => {
                 let mut bytes = Vec::with_capacity(ids.len());
                 for &id in ids {
@@ -188,15 +184,9 @@ mod tests {
         assert_eq!(ids.len(), 1 + text.len());
         assert_eq!(ids[1], b'h' as u32 + 3);
         assert_eq!(tok.decode(&ids).unwrap(), text);
-        assert_eq!(
-            tok.decode(&[0, 1, 2, 300, b'a' as u32 + 3]).unwrap(),
-            "\u{FFFD}a"
-        );
+        assert_eq!(tok.decode(&[0, 1, 2, 300, b'a' as u32 + 3]).unwrap(), "\u{FFFD}a");
         assert_eq!(tok.vocab_size(), 259);
-        assert_eq!(
-            TextTokenizer::bytes(None, None).encode("").unwrap(),
-            Vec::<u32>::new()
-        );
+        assert_eq!(TextTokenizer::bytes(None, None).encode("").unwrap(), Vec::<u32>::new());
     }
 
     #[test]
@@ -210,9 +200,6 @@ mod tests {
         std::fs::write(&bad, "{ not json").unwrap();
         let err = TextTokenizer::from_file(&bad, None).unwrap_err();
         assert!(matches!(err, Error::Tokenizer { .. }));
-        assert!(
-            err.to_string().contains(&bad.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&bad.display().to_string()), "{err}");
     }
 }

@@ -198,16 +198,14 @@ fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(String, E
         let msg = format!("header length {header_len} is larger than the file ({n} bytes)");
         return Err(file_err(path, msg));
     };
-    let mut header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..data_start])
-            .map_err(|e| file_err(path, format!("header is not a JSON object: {e}")))?;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|e| file_err(path, format!("header is not a JSON object: {e}")))?;
     let data_len = bytes.len() - data_start;
     let mut entries = Vec::with_capacity(header.len());
     header.remove("__metadata__");
     for (name, value) in header {
         let bad = |msg: String| tensor_err(path, &name, msg);
-        let info: TensorInfo =
-            serde_json::from_value(value).map_err(|e| bad(format!("bad header entry: {e}")))?;
+        let info: TensorInfo = serde_json::from_value(value).map_err(|e| bad(format!("bad header entry: {e}")))?;
         let ((begin, end), dtype, shape) = (info.data_offsets, info.dtype, &info.shape);
         if begin > end {
             return Err(bad(format!("data_offsets [{begin}, {end}] decrease")));
@@ -250,8 +248,7 @@ fn product(dims: &[usize]) -> Option<usize> {
 
 /// The shape of `slice` of a `shape` tensor and the row-major element ranges it covers.
 fn slice_ranges(shape: &[usize], slice: &Slice) -> Result<(Vec<usize>, Vec<Range<usize>>), String> {
-    let (Some(numel), Some(row_len)) = (product(shape), product(shape.get(1..).unwrap_or(&[])))
-    else {
+    let (Some(numel), Some(row_len)) = (product(shape), product(shape.get(1..).unwrap_or(&[]))) else {
         return Err(format!("shape {shape:?} has too many elements"));
     };
     let check = |r: &Range<usize>, n: usize, what: &str| match r.start <= r.end && r.end <= n {
@@ -345,9 +342,8 @@ impl WeightSource for DummyWeights {
 
     fn load(&self, name: &str, shape: &[usize], slice: Slice) -> Result<HostTensor> {
         let in_features = shape.last().copied().unwrap_or(1).max(1) as f32;
-        let (shape, ranges) = slice_ranges(shape, &slice).map_err(|msg| {
-            Error::Invalid(format!("{}: tensor '{name}': {msg}", self.describe()))
-        })?;
+        let (shape, ranges) = slice_ranges(shape, &slice)
+            .map_err(|msg| Error::Invalid(format!("{}: tensor '{name}': {msg}", self.describe())))?;
         let (mean, std) = match name {
             _ if name.ends_with("norm.weight") => (1.0, 0.05),
             "model.embed_tokens.weight" => (0.0, 1.0),
@@ -499,10 +495,7 @@ mod tests {
         assert_eq!(c, f32s(&[1, 3], values()[9..].into()));
         let name = "model.layers.3.mlp.up_proj.weight";
         let msg = load_err(&ckpt, name, &[3, 4], Slice::Full);
-        assert!(
-            msg.contains(&format!("'{name}'")) && msg.contains(INDEX),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("'{name}'")) && msg.contains(INDEX), "{msg}");
     }
 
     #[test]
@@ -516,31 +509,11 @@ mod tests {
             assert!(named && msg.contains(want), "{msg}\nwanted: {want}");
         };
         check("missing.weight", &[3, 4], Slice::Full, "not found");
-        check(
-            "w32",
-            &[4, 3],
-            Slice::Full,
-            "[3, 4] in the file, expected [4, 3]",
-        );
+        check("w32", &[4, 3], Slice::Full, "[3, 4] in the file, expected [4, 3]");
         check("w32", &[3, 4], Slice::Rows(2..4), "rows 2..4 out of range");
-        check(
-            "w32",
-            &[3, 4],
-            Slice::Cols(3..5),
-            "columns 3..5 out of range",
-        );
-        check(
-            "w32",
-            &[3, 4],
-            Slice::Cols(Range { start: 3, end: 2 }),
-            "3..2",
-        );
-        check(
-            "norm.weight",
-            &[4],
-            Slice::Cols(0..1),
-            "cannot take Cols(0..1)",
-        );
+        check("w32", &[3, 4], Slice::Cols(3..5), "columns 3..5 out of range");
+        check("w32", &[3, 4], Slice::Cols(Range { start: 3, end: 2 }), "3..2");
+        check("norm.weight", &[4], Slice::Cols(0..1), "cannot take Cols(0..1)");
         check("ids", &[2], Slice::Full, "dtype I64 is not supported");
     }
 
@@ -553,10 +526,7 @@ mod tests {
         assert!(msg.contains("nope: not a directory"), "{msg}");
         let check = |bytes: &[u8], want: &str| {
             let msg = open_err(dir_with(&[(SINGLE, bytes)]).path());
-            assert!(
-                msg.contains(SINGLE) && msg.contains(want),
-                "{msg}\nwanted: {want}"
-            );
+            assert!(msg.contains(SINGLE) && msg.contains(want), "{msg}\nwanted: {want}");
         };
         let good = mixed_file();
         let cut = &good[..good.len() - 4];
@@ -572,10 +542,7 @@ mod tests {
             r#"{"dtype":"F32", "shape":[2, 3], "data_offsets":[0, 20]}"#,
             "[0, 20]: 20",
         );
-        with_x(
-            r#"{"dtype":"F32", "shape":[2, 3], "data_offsets":[24, 0]}"#,
-            "decrease",
-        );
+        with_x(r#"{"dtype":"F32", "shape":[2, 3], "data_offsets":[24, 0]}"#, "decrease");
         with_x(
             r#"{"dtype":"Q7", "shape":[2, 3], "data_offsets":[0, 24]}"#,
             "'x': bad header",
@@ -622,9 +589,7 @@ mod tests {
         let good = mixed_file();
         let n = good.len();
         let header_end = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-        let digits: Vec<usize> = (8..header_end)
-            .filter(|&i| good[i].is_ascii_digit())
-            .collect();
+        let digits: Vec<usize> = (8..header_end).filter(|&i| good[i].is_ascii_digit()).collect();
         let (single, sharded) = (tempfile::tempdir().unwrap(), sharded_dir());
         let index = std::fs::read(sharded.path().join(INDEX)).unwrap();
         let tokens = r#"{ } [ ] : , "weight_map" "a.weight" "m-1.safetensors" "" "/" 1e999"#;
@@ -683,26 +648,17 @@ mod tests {
         assert_eq!(tail, norm[5..]);
         assert_ne!(load(8, name, &[6, 10], Slice::Full).1, full);
         let msg = load_err(&w, name, &[6, 10], Slice::Rows(4..7));
-        assert!(
-            msg.contains("rows 4..7 out of range") && msg.contains(name),
-            "{msg}"
-        );
+        assert!(msg.contains("rows 4..7 out of range") && msg.contains(name), "{msg}");
     }
 
     #[test]
     fn dummy_weights_have_realistic_scale() {
         let check = |name: &str, shape: &[usize], want_mean: f64, want_std: f64| {
-            let v = DummyWeights::new(1)
-                .load(name, shape, Slice::Full)
-                .unwrap()
-                .to_f32();
+            let v = DummyWeights::new(1).load(name, shape, Slice::Full).unwrap().to_f32();
             let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
             let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
             let (mean_err, std_err) = ((mean - want_mean) / want_std, var.sqrt() / want_std - 1.0);
-            assert!(
-                mean_err.abs() < 0.02 && std_err.abs() < 0.02,
-                "{name}: {mean} {var}"
-            );
+            assert!(mean_err.abs() < 0.02 && std_err.abs() < 0.02, "{name}: {mean} {var}");
         };
         check("o_proj.weight", &[256, 1024], 0.0, 1.0 / 32.0);
         check("model.embed_tokens.weight", &[100, 100], 0.0, 1.0);

@@ -28,7 +28,10 @@ impl StepBatch {
 
     /// Position of every packed token.
     pub fn positions(&self) -> Vec<usize> {
-        self.seqs.iter().flat_map(|s| s.start_pos..s.start_pos + s.len).collect()
+        self.seqs
+            .iter()
+            .flat_map(|s| s.start_pos..s.start_pos + s.len)
+            .collect()
     }
 
     /// Packed row of each sequence's last token.
@@ -92,12 +95,32 @@ pub trait Backend {
     fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
     /// Rotates the q and k heads of `qkv` in place (HF half-split pairs); `cos`/`sin` are
     /// `[max_positions, head_dim / 2]` f32 tables.
-    fn rope(&self, qkv: &mut Self::Tensor, layout: QkvLayout, batch: &StepBatch, cos: &Self::Weight, sin: &Self::Weight) -> Result<()>;
+    fn rope(
+        &self,
+        qkv: &mut Self::Tensor,
+        layout: QkvLayout,
+        batch: &StepBatch,
+        cos: &Self::Weight,
+        sin: &Self::Weight,
+    ) -> Result<()>;
     /// Stores the k and v heads of `qkv` at their slots and positions.
-    fn write_kv(&self, qkv: &Self::Tensor, layout: QkvLayout, batch: &StepBatch, cache: &mut Self::KvCache) -> Result<()>;
+    fn write_kv(
+        &self,
+        qkv: &Self::Tensor,
+        layout: QkvLayout,
+        batch: &StepBatch,
+        cache: &mut Self::KvCache,
+    ) -> Result<()>;
     /// Causal attention of each new token over its sequence's cache up to its own position
     /// (the new tokens' K and V are already written). `out` is `[tokens, q_heads * head_dim]`.
-    fn attention(&self, qkv: &Self::Tensor, layout: QkvLayout, batch: &StepBatch, cache: &Self::KvCache, out: &mut Self::Tensor) -> Result<()>;
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        layout: QkvLayout,
+        batch: &StepBatch,
+        cache: &Self::KvCache,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `gate_up` is `[rows, 2 i]` (gate columns, then up); `out[r, j] = silu(gate) * up`.
     fn silu_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
     /// `out[i] = x[rows[i]]`.

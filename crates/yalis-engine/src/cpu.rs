@@ -132,7 +132,12 @@ impl Backend for CpuBackend {
         let (rows, cols) = match w.shape.as_slice() {
             [n] => (1, *n),
             [r, c] => (*r, *c),
-            s => return Err(shape_err("upload", format!("expected a 1-D or 2-D tensor, got shape {s:?}"))),
+            s => {
+                return Err(shape_err(
+                    "upload",
+                    format!("expected a 1-D or 2-D tensor, got shape {s:?}"),
+                ))
+            }
         };
         let data = match &w.data {
             HostData::F32(v) => Storage::F32(v.clone()),
@@ -142,12 +147,22 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
-        Ok(CpuTensor { rows, cols, data: vec![0.0; rows * cols] })
+        Ok(CpuTensor {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        })
     }
 
     fn alloc_kv_cache(&self, slots: usize, max_seq: usize, kv_heads: usize, head_dim: usize) -> Result<CpuKvCache> {
         let n = slots * max_seq * kv_heads * head_dim;
-        Ok(CpuKvCache { max_seq, kv_heads, head_dim, k: vec![0.0; n], v: vec![0.0; n] })
+        Ok(CpuKvCache {
+            max_seq,
+            kv_heads,
+            head_dim,
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+        })
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
@@ -160,7 +175,13 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, ids: &[u32], table: &CpuWeight, vocab_start: usize, out: &mut CpuTensor) -> Result<()> {
         check("embedding", out.rows == ids.len() && out.cols == table.cols, || {
-            format!("out [{}, {}] for {} ids and a table of width {}", out.rows, out.cols, ids.len(), table.cols)
+            format!(
+                "out [{}, {}] for {} ids and a table of width {}",
+                out.rows,
+                out.cols,
+                ids.len(),
+                table.cols
+            )
         })?;
         let mut buf = Vec::new();
         for (t, &id) in ids.iter().enumerate() {
@@ -176,9 +197,16 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight, out: &mut CpuTensor) -> Result<()> {
-        check("matmul", x.cols == w.cols && out.rows == x.rows && out.cols == w.rows, || {
-            format!("x [{}, {}] times w [{}, {}]^T into [{}, {}]", x.rows, x.cols, w.rows, w.cols, out.rows, out.cols)
-        })?;
+        check(
+            "matmul",
+            x.cols == w.cols && out.rows == x.rows && out.cols == w.rows,
+            || {
+                format!(
+                    "x [{}, {}] times w [{}, {}]^T into [{}, {}]",
+                    x.rows, x.cols, w.rows, w.cols, out.rows, out.cols
+                )
+            },
+        )?;
         let mut buf = Vec::new();
         for n in 0..w.rows {
             let wr = w.row_into(n, &mut buf);
@@ -190,9 +218,16 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32, out: &mut CpuTensor) -> Result<()> {
-        check("rms_norm", x.cols == w.cols && out.rows == x.rows && out.cols == x.cols, || {
-            format!("x [{}, {}], weight {}, out [{}, {}]", x.rows, x.cols, w.cols, out.rows, out.cols)
-        })?;
+        check(
+            "rms_norm",
+            x.cols == w.cols && out.rows == x.rows && out.cols == x.cols,
+            || {
+                format!(
+                    "x [{}, {}], weight {}, out [{}, {}]",
+                    x.rows, x.cols, w.cols, out.rows, out.cols
+                )
+            },
+        )?;
         let g = w.vector();
         for r in 0..x.rows {
             rms_norm_row(x.row(r), &g, eps, out.row_mut(r));
@@ -200,7 +235,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add_rms_norm(&self, residual: &mut CpuTensor, delta: &CpuTensor, w: &CpuWeight, eps: f32, out: &mut CpuTensor) -> Result<()> {
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        delta: &CpuTensor,
+        w: &CpuWeight,
+        eps: f32,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
         self.add(residual, delta)?;
         self.rms_norm(residual, w, eps, out)
     }
@@ -213,15 +255,34 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(&self, qkv: &mut CpuTensor, l: QkvLayout, batch: &StepBatch, cos: &CpuWeight, sin: &CpuWeight) -> Result<()> {
+    fn rope(
+        &self,
+        qkv: &mut CpuTensor,
+        l: QkvLayout,
+        batch: &StepBatch,
+        cos: &CpuWeight,
+        sin: &CpuWeight,
+    ) -> Result<()> {
         let half = l.head_dim / 2;
         let positions = batch.positions();
-        check("rope", qkv.cols == l.width() && qkv.rows == positions.len() && cos.cols == half, || {
-            format!("qkv [{}, {}] for layout {l:?}, {} positions, table width {}", qkv.rows, qkv.cols, positions.len(), cos.cols)
-        })?;
+        check(
+            "rope",
+            qkv.cols == l.width() && qkv.rows == positions.len() && cos.cols == half,
+            || {
+                format!(
+                    "qkv [{}, {}] for layout {l:?}, {} positions, table width {}",
+                    qkv.rows,
+                    qkv.cols,
+                    positions.len(),
+                    cos.cols
+                )
+            },
+        )?;
         let (mut cb, mut sb) = (Vec::new(), Vec::new());
         for (t, &pos) in positions.iter().enumerate() {
-            check("rope", pos < cos.rows, || format!("position {pos} is past the table's {} positions", cos.rows))?;
+            check("rope", pos < cos.rows, || {
+                format!("position {pos} is past the table's {} positions", cos.rows)
+            })?;
             let (c, s) = (cos.row_into(pos, &mut cb), sin.row_into(pos, &mut sb));
             // q heads then k heads; v is not rotated.
             for head in qkv.row_mut(t)[..(l.q_heads + l.kv_heads) * l.head_dim].chunks_exact_mut(l.head_dim) {
@@ -239,14 +300,31 @@ impl Backend for CpuBackend {
     fn write_kv(&self, qkv: &CpuTensor, l: QkvLayout, batch: &StepBatch, cache: &mut CpuKvCache) -> Result<()> {
         let kv_w = l.kv_heads * l.head_dim;
         let q_w = l.q_heads * l.head_dim;
-        check("write_kv", kv_w == cache.kv_heads * cache.head_dim && qkv.cols == l.width(), || {
-            format!("layout {l:?} against a cache of {} heads x {}", cache.kv_heads, cache.head_dim)
-        })?;
+        check(
+            "write_kv",
+            kv_w == cache.kv_heads * cache.head_dim && qkv.cols == l.width(),
+            || {
+                format!(
+                    "layout {l:?} against a cache of {} heads x {}",
+                    cache.kv_heads, cache.head_dim
+                )
+            },
+        )?;
         let mut t = 0;
         for s in &batch.seqs {
-            check("write_kv", s.start_pos + s.len <= cache.max_seq && cache.offset(s.slot + 1, 0) <= cache.k.len(), || {
-                format!("slot {} positions {}..{} exceed the cache ({} positions)", s.slot, s.start_pos, s.start_pos + s.len, cache.max_seq)
-            })?;
+            check(
+                "write_kv",
+                s.start_pos + s.len <= cache.max_seq && cache.offset(s.slot + 1, 0) <= cache.k.len(),
+                || {
+                    format!(
+                        "slot {} positions {}..{} exceed the cache ({} positions)",
+                        s.slot,
+                        s.start_pos,
+                        s.start_pos + s.len,
+                        cache.max_seq
+                    )
+                },
+            )?;
             for p in s.start_pos..s.start_pos + s.len {
                 let off = cache.offset(s.slot, p);
                 let row = qkv.row(t);
@@ -258,11 +336,27 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(&self, qkv: &CpuTensor, l: QkvLayout, batch: &StepBatch, cache: &CpuKvCache, out: &mut CpuTensor) -> Result<()> {
+    fn attention(
+        &self,
+        qkv: &CpuTensor,
+        l: QkvLayout,
+        batch: &StepBatch,
+        cache: &CpuKvCache,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
         let (hd, group) = (l.head_dim, l.q_heads / l.kv_heads);
-        check("attention", out.cols == l.q_heads * hd && out.rows == qkv.rows && qkv.rows == batch.num_tokens(), || {
-            format!("out [{}, {}] for {} tokens of layout {l:?}", out.rows, out.cols, batch.num_tokens())
-        })?;
+        check(
+            "attention",
+            out.cols == l.q_heads * hd && out.rows == qkv.rows && qkv.rows == batch.num_tokens(),
+            || {
+                format!(
+                    "out [{}, {}] for {} tokens of layout {l:?}",
+                    out.rows,
+                    out.cols,
+                    batch.num_tokens()
+                )
+            },
+        )?;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut scores = Vec::new();
         let mut t = 0;
@@ -313,9 +407,16 @@ impl Backend for CpuBackend {
     }
 
     fn select_rows(&self, x: &CpuTensor, rows: &[usize], out: &mut CpuTensor) -> Result<()> {
-        check("select_rows", out.rows == rows.len() && out.cols == x.cols && rows.iter().all(|&r| r < x.rows), || {
-            format!("rows {rows:?} of [{}, {}] into [{}, {}]", x.rows, x.cols, out.rows, out.cols)
-        })?;
+        check(
+            "select_rows",
+            out.rows == rows.len() && out.cols == x.cols && rows.iter().all(|&r| r < x.rows),
+            || {
+                format!(
+                    "rows {rows:?} of [{}, {}] into [{}, {}]",
+                    x.rows, x.cols, out.rows, out.cols
+                )
+            },
+        )?;
         for (i, &r) in rows.iter().enumerate() {
             out.row_mut(i).copy_from_slice(x.row(r));
         }
@@ -329,7 +430,10 @@ impl Backend for CpuBackend {
     fn all_gather_cols(&self, x: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
         let n = self.tp.size();
         check("all_gather_cols", out.rows == x.rows && out.cols == x.cols * n, || {
-            format!("[{}, {}] from {n} ranks into [{}, {}]", x.rows, x.cols, out.rows, out.cols)
+            format!(
+                "[{}, {}] from {n} ranks into [{}, {}]",
+                x.rows, x.cols, out.rows, out.cols
+            )
         })?;
         let mut gathered = vec![0.0; x.data.len() * n];
         self.tp.all_gather(&x.data, &mut gathered)?;
@@ -347,7 +451,11 @@ impl Backend for CpuBackend {
     }
 
     fn recv_prev(&self, x: &mut CpuTensor) -> Result<()> {
-        let prev = self.pp.rank().checked_sub(1).ok_or_else(|| shape_err("recv_prev", "the first stage has no previous stage".into()))?;
+        let prev = self
+            .pp
+            .rank()
+            .checked_sub(1)
+            .ok_or_else(|| shape_err("recv_prev", "the first stage has no previous stage".into()))?;
         Ok(self.pp.recv(&mut x.data, prev)?)
     }
 }

@@ -41,9 +41,22 @@ pub struct Engine<B: Backend> {
 
 impl<B: Backend> Engine<B> {
     /// Allocates the KV cache for `max_batch` sequences of up to `max_seq` tokens.
-    pub fn new(backend: B, model: Llama<B>, world: Box<dyn HostComm>, max_batch: usize, max_seq: usize) -> Result<Self> {
+    pub fn new(
+        backend: B,
+        model: Llama<B>,
+        world: Box<dyn HostComm>,
+        max_batch: usize,
+        max_seq: usize,
+    ) -> Result<Self> {
         let caches = model.alloc_caches(&backend, max_batch, max_seq)?;
-        Ok(Engine { backend, model, world, caches, max_batch, max_seq })
+        Ok(Engine {
+            backend,
+            model,
+            world,
+            caches,
+            max_batch,
+            max_seq,
+        })
     }
 
     fn sampling_rank(&self) -> usize {
@@ -53,7 +66,11 @@ impl<B: Backend> Engine<B> {
     fn check(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<()> {
         let err = |m: String| Err(Error::Invalid(m));
         if prompts.is_empty() || prompts.len() > self.max_batch {
-            return err(format!("{} prompts for a KV cache sized for {} sequences", prompts.len(), self.max_batch));
+            return err(format!(
+                "{} prompts for a KV cache sized for {} sequences",
+                prompts.len(),
+                self.max_batch
+            ));
         }
         if opts.max_new_tokens == 0 {
             return err("max new tokens must be at least 1".into());
@@ -80,7 +97,14 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs one step and returns the next token of every sequence in `batch`, on every rank.
-    fn step(&mut self, batch: &StepBatch, ids: &[u32], samplers: &mut [Sampler], seq_ids: &[usize], logits_out: Option<&mut Vec<Vec<Vec<f32>>>>) -> Result<Vec<u32>> {
+    fn step(
+        &mut self,
+        batch: &StepBatch,
+        ids: &[u32],
+        samplers: &mut [Sampler],
+        seq_ids: &[usize],
+        logits_out: Option<&mut Vec<Vec<Vec<f32>>>>,
+    ) -> Result<Vec<u32>> {
         let logits = self.model.forward(&self.backend, batch, ids, &mut self.caches)?;
         let mut next = vec![0u32; batch.seqs.len()];
         let root = self.sampling_rank();
@@ -107,11 +131,23 @@ impl<B: Backend> Engine<B> {
         let n = prompts.len();
         let eos = self.model.cfg.eos_token_ids.clone();
         let mut samplers: Vec<Sampler> = (0..n).map(|i| Sampler::new(opts.sampling, i as u64)).collect();
-        let mut out = Generation { tokens: vec![Vec::new(); n], ..Default::default() };
+        let mut out = Generation {
+            tokens: vec![Vec::new(); n],
+            ..Default::default()
+        };
         let mut logits = opts.keep_logits.then(|| vec![Vec::new(); n]);
 
         let mut active: Vec<usize> = (0..n).collect();
-        let mut batch = StepBatch { seqs: active.iter().map(|&i| SeqChunk { slot: i, start_pos: 0, len: prompts[i].len() }).collect() };
+        let mut batch = StepBatch {
+            seqs: active
+                .iter()
+                .map(|&i| SeqChunk {
+                    slot: i,
+                    start_pos: 0,
+                    len: prompts[i].len(),
+                })
+                .collect(),
+        };
         let mut ids: Vec<u32> = prompts.concat();
         for step in 0..opts.max_new_tokens {
             let t0 = Instant::now();
@@ -130,13 +166,25 @@ impl<B: Backend> Engine<B> {
                 }
             }
             // Next step: each unfinished sequence feeds its new token at the next position.
-            ids = active.iter().zip(&next).filter(|(s, _)| still.contains(s)).map(|(_, &t)| t).collect();
+            ids = active
+                .iter()
+                .zip(&next)
+                .filter(|(s, _)| still.contains(s))
+                .map(|(_, &t)| t)
+                .collect();
             active = still;
             if active.is_empty() {
                 break;
             }
             batch = StepBatch {
-                seqs: active.iter().map(|&i| SeqChunk { slot: i, start_pos: prompts[i].len() + out.tokens[i].len() - 1, len: 1 }).collect(),
+                seqs: active
+                    .iter()
+                    .map(|&i| SeqChunk {
+                        slot: i,
+                        start_pos: prompts[i].len() + out.tokens[i].len() - 1,
+                        len: 1,
+                    })
+                    .collect(),
             };
         }
         out.logits = logits.unwrap_or_default();

@@ -30,7 +30,10 @@ impl<B: Backend> ColumnParallelLinear<B> {
             .map(|p| src.load(p.name, &[p.full_rows, in_features], Slice::Rows(p.rows.clone())))
             .collect::<yalis_core::Result<Vec<_>>>()?;
         let fused = concat_rows(parts)?;
-        Ok(ColumnParallelLinear { out_per_rank: fused.shape[0], weight: b.upload(&fused)? })
+        Ok(ColumnParallelLinear {
+            out_per_rank: fused.shape[0],
+            weight: b.upload(&fused)?,
+        })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor, out: &mut B::Tensor) -> Result<()> {
@@ -92,7 +95,13 @@ impl<B: Backend> ParallelLmHead<B> {
 }
 
 /// Loads rows `rows` of a `[vocab, hidden]` table, padded with zero rows to `padded_rows`.
-pub fn load_vocab_shard(src: &dyn WeightSource, name: &str, shape: [usize; 2], rows: Range<usize>, padded_rows: usize) -> Result<HostTensor> {
+pub fn load_vocab_shard(
+    src: &dyn WeightSource,
+    name: &str,
+    shape: [usize; 2],
+    rows: Range<usize>,
+    padded_rows: usize,
+) -> Result<HostTensor> {
     let t = src.load(name, &shape, Slice::Rows(rows))?;
     let missing = padded_rows - t.shape[0];
     if missing == 0 {
@@ -112,19 +121,30 @@ pub fn load_vocab_shard(src: &dyn WeightSource, name: &str, shape: [usize; 2], r
 pub fn concat_rows(parts: Vec<HostTensor>) -> Result<HostTensor> {
     let cols = parts[0].shape[1];
     if let Some(p) = parts.iter().find(|p| p.shape.len() != 2 || p.shape[1] != cols) {
-        return Err(Error::Invalid(format!("cannot stack a tensor of shape {:?} under width {cols}", p.shape)));
+        return Err(Error::Invalid(format!(
+            "cannot stack a tensor of shape {:?} under width {cols}",
+            p.shape
+        )));
     }
     let rows = parts.iter().map(|p| p.shape[0]).sum();
     if parts.len() == 1 {
         return Ok(parts.into_iter().next().unwrap());
     }
     let data = if parts.iter().all(|p| matches!(p.data, HostData::Bf16(_))) {
-        HostData::Bf16(parts.into_iter().flat_map(|p| match p.data {
-            HostData::Bf16(v) => v,
-            HostData::F32(_) => unreachable!(),
-        }).collect())
+        HostData::Bf16(
+            parts
+                .into_iter()
+                .flat_map(|p| match p.data {
+                    HostData::Bf16(v) => v,
+                    HostData::F32(_) => unreachable!(),
+                })
+                .collect(),
+        )
     } else {
         HostData::F32(parts.iter().flat_map(|p| p.to_f32()).collect())
     };
-    Ok(HostTensor { shape: vec![rows, cols], data })
+    Ok(HostTensor {
+        shape: vec![rows, cols],
+        data,
+    })
 }

@@ -11,7 +11,9 @@ use yalis_core::weights::{HostData, HostTensor, Slice, WeightSource};
 use yalis_core::{ModelConfig, RankPlan};
 
 use crate::backend::{Backend, QkvLayout, StepBatch};
-use crate::layers::{load_vocab_shard, ColumnParallelLinear, ParallelLmHead, Piece, RowParallelLinear, VocabParallelEmbedding};
+use crate::layers::{
+    load_vocab_shard, ColumnParallelLinear, ParallelLmHead, Piece, RowParallelLinear, VocabParallelEmbedding,
+};
 use crate::Result;
 
 pub struct Attention<B: Backend> {
@@ -47,7 +49,15 @@ pub struct Llama<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    fn forward(&self, b: &B, x: &B::Tensor, batch: &StepBatch, cache: &mut B::KvCache, rope: (&B::Weight, &B::Weight), hidden: usize) -> Result<B::Tensor> {
+    fn forward(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        batch: &StepBatch,
+        cache: &mut B::KvCache,
+        rope: (&B::Weight, &B::Weight),
+        hidden: usize,
+    ) -> Result<B::Tensor> {
         let t = batch.num_tokens();
         let l = self.layout;
         let mut qkv = b.alloc(t, l.width())?;
@@ -77,7 +87,14 @@ impl<B: Backend> Mlp<B> {
 impl<B: Backend> Llama<B> {
     /// Loads this rank's shards. `max_positions` sizes the RoPE tables; `progress(done, total)`
     /// is called after each tensor group.
-    pub fn load(b: &B, cfg: &ModelConfig, plan: &RankPlan, src: &dyn WeightSource, max_positions: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+    pub fn load(
+        b: &B,
+        cfg: &ModelConfig,
+        plan: &RankPlan,
+        src: &dyn WeightSource,
+        max_positions: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
         let (v, vocab_rows, vpr) = (cfg.vocab_size, plan.vocab_start..plan.vocab_end, plan.vocab_per_rank);
@@ -86,7 +103,10 @@ impl<B: Backend> Llama<B> {
 
         let embed = if plan.is_first_stage() {
             let t = src.load("model.embed_tokens.weight", &[v, h], Slice::Rows(vocab_rows.clone()))?;
-            Some(VocabParallelEmbedding { table: b.upload(&t)?, vocab_start: plan.vocab_start })
+            Some(VocabParallelEmbedding {
+                table: b.upload(&t)?,
+                vocab_start: plan.vocab_start,
+            })
         } else {
             None
         };
@@ -95,12 +115,24 @@ impl<B: Backend> Llama<B> {
         let q_rows = plan.q_head_start * hd..(plan.q_head_start + plan.num_heads_per_rank) * hd;
         let kv_rows = plan.kv_head_start * hd..(plan.kv_head_start + plan.num_kv_heads_per_rank) * hd;
         let i_rows = plan.intermediate_start..plan.intermediate_start + plan.intermediate_per_rank;
-        let (q_full, kv_full, i_full) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size);
-        let layout = QkvLayout { q_heads: plan.num_heads_per_rank, kv_heads: plan.num_kv_heads_per_rank, head_dim: hd };
+        let (q_full, kv_full, i_full) = (
+            cfg.num_attention_heads * hd,
+            cfg.num_key_value_heads * hd,
+            cfg.intermediate_size,
+        );
+        let layout = QkvLayout {
+            q_heads: plan.num_heads_per_rank,
+            kv_heads: plan.num_kv_heads_per_rank,
+            head_dim: hd,
+        };
         let mut layers = Vec::with_capacity(plan.layers.len());
         for (k, i) in plan.layers.clone().enumerate() {
             let p = format!("model.layers.{i}");
-            let (q, kk, vv) = (format!("{p}.self_attn.q_proj.weight"), format!("{p}.self_attn.k_proj.weight"), format!("{p}.self_attn.v_proj.weight"));
+            let (q, kk, vv) = (
+                format!("{p}.self_attn.q_proj.weight"),
+                format!("{p}.self_attn.k_proj.weight"),
+                format!("{p}.self_attn.v_proj.weight"),
+            );
             let (g, u) = (format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight"));
             layers.push(DecoderLayer {
                 input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
@@ -109,13 +141,31 @@ impl<B: Backend> Llama<B> {
                         b,
                         src,
                         &[
-                            Piece { name: &q, full_rows: q_full, rows: q_rows.clone() },
-                            Piece { name: &kk, full_rows: kv_full, rows: kv_rows.clone() },
-                            Piece { name: &vv, full_rows: kv_full, rows: kv_rows.clone() },
+                            Piece {
+                                name: &q,
+                                full_rows: q_full,
+                                rows: q_rows.clone(),
+                            },
+                            Piece {
+                                name: &kk,
+                                full_rows: kv_full,
+                                rows: kv_rows.clone(),
+                            },
+                            Piece {
+                                name: &vv,
+                                full_rows: kv_full,
+                                rows: kv_rows.clone(),
+                            },
                         ],
                         h,
                     )?,
-                    o_proj: RowParallelLinear::load(b, src, &format!("{p}.self_attn.o_proj.weight"), [h, q_full], q_rows.clone())?,
+                    o_proj: RowParallelLinear::load(
+                        b,
+                        src,
+                        &format!("{p}.self_attn.o_proj.weight"),
+                        [h, q_full],
+                        q_rows.clone(),
+                    )?,
                     layout,
                 },
                 post_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
@@ -124,12 +174,26 @@ impl<B: Backend> Llama<B> {
                         b,
                         src,
                         &[
-                            Piece { name: &g, full_rows: i_full, rows: i_rows.clone() },
-                            Piece { name: &u, full_rows: i_full, rows: i_rows.clone() },
+                            Piece {
+                                name: &g,
+                                full_rows: i_full,
+                                rows: i_rows.clone(),
+                            },
+                            Piece {
+                                name: &u,
+                                full_rows: i_full,
+                                rows: i_rows.clone(),
+                            },
                         ],
                         h,
                     )?,
-                    down: RowParallelLinear::load(b, src, &format!("{p}.mlp.down_proj.weight"), [h, i_full], i_rows.clone())?,
+                    down: RowParallelLinear::load(
+                        b,
+                        src,
+                        &format!("{p}.mlp.down_proj.weight"),
+                        [h, i_full],
+                        i_rows.clone(),
+                    )?,
                     intermediate_per_rank: plan.intermediate_per_rank,
                 },
             });
@@ -137,9 +201,19 @@ impl<B: Backend> Llama<B> {
         }
 
         let (final_norm, lm_head) = if plan.is_last_stage() {
-            let name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+            let name = if cfg.tie_word_embeddings {
+                "model.embed_tokens.weight"
+            } else {
+                "lm_head.weight"
+            };
             let w = load_vocab_shard(src, name, [v, h], vocab_rows, vpr)?;
-            (Some(norm("model.norm.weight")?), Some(ParallelLmHead { weight: b.upload(&w)?, vocab_per_rank: vpr }))
+            (
+                Some(norm("model.norm.weight")?),
+                Some(ParallelLmHead {
+                    weight: b.upload(&w)?,
+                    vocab_per_rank: vpr,
+                }),
+            )
         } else {
             (None, None)
         };
@@ -148,7 +222,11 @@ impl<B: Backend> Llama<B> {
         let inv_freq = cfg.rope_inv_freq();
         let table = |f: fn(f64) -> f64| HostTensor {
             shape: vec![max_positions, hd / 2],
-            data: HostData::F32((0..max_positions).flat_map(|p| inv_freq.iter().map(move |w| f(p as f64 * w) as f32)).collect()),
+            data: HostData::F32(
+                (0..max_positions)
+                    .flat_map(|p| inv_freq.iter().map(move |w| f(p as f64 * w) as f32))
+                    .collect(),
+            ),
         };
         Ok(Llama {
             cfg: cfg.clone(),
@@ -173,7 +251,13 @@ impl<B: Backend> Llama<B> {
     /// One forward step of this stage. The first stage embeds `ids` (one per packed token); later
     /// stages receive the hidden state from the previous one. The last stage returns the logits
     /// of each sequence's last token, `[seqs, vocab_per_rank * tp]`; other stages return None.
-    pub fn forward(&self, b: &B, batch: &StepBatch, ids: &[u32], caches: &mut [B::KvCache]) -> Result<Option<B::Tensor>> {
+    pub fn forward(
+        &self,
+        b: &B,
+        batch: &StepBatch,
+        ids: &[u32],
+        caches: &mut [B::KvCache],
+    ) -> Result<Option<B::Tensor>> {
         let (t, h) = (batch.num_tokens(), self.cfg.hidden_size);
         let rope = (&self.rope_cos, &self.rope_sin);
         let mut hidden = b.alloc(t, h)?;

@@ -11,7 +11,11 @@ use crate::{Error, Result};
 /// Runs `f` once per rank on its own thread and returns the results in rank order. The first
 /// rank to fail (error or panic) aborts the others, whose communicator calls then fail; its
 /// error is the one returned, naming the rank and host.
-pub fn run_threads<R: Send>(plan: &ParallelPlan, timeout: Duration, f: impl Fn(&RankPlan, RankComms) -> Result<R> + Sync) -> Result<Vec<R>> {
+pub fn run_threads<R: Send>(
+    plan: &ParallelPlan,
+    timeout: Duration,
+    f: impl Fn(&RankPlan, RankComms) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
     let (comms, abort) = local_job(plan.tp, plan.pp, timeout);
     let host = yalis_core::report::hostname();
     let results: Vec<std::result::Result<R, (bool, Error)>> = std::thread::scope(|s| {
@@ -41,13 +45,23 @@ pub fn run_threads<R: Send>(plan: &ParallelPlan, timeout: Duration, f: impl Fn(&
                             if !secondary {
                                 abort.abort(&format!("rank {} on {host} failed: {e}", rp.rank));
                             }
-                            (secondary, Error::Rank { rank: rp.rank, host: host.clone(), msg: e.to_string() })
+                            (
+                                secondary,
+                                Error::Rank {
+                                    rank: rp.rank,
+                                    host: host.clone(),
+                                    msg: e.to_string(),
+                                },
+                            )
                         })
                     })
                     .expect("spawning a rank thread")
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("rank threads catch their panics")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank threads catch their panics"))
+            .collect()
     });
     // Report the rank that failed first, not the ranks that were aborted because of it.
     let mut secondary = None;

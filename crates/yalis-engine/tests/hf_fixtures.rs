@@ -26,7 +26,9 @@ use yalis_engine::{CpuBackend, Engine, GenerateOptions, Generation, Llama};
 const TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 struct Reference {
@@ -44,15 +46,30 @@ fn reference(dir: &Path) -> Reference {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("logits").unwrap();
     let shape = t.shape().to_vec();
-    let logits = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-    Reference { input_ids: ids("input_ids"), greedy: ids("greedy_ids"), logits, vocab: shape[2], steps: shape[1] }
+    let logits = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    Reference {
+        input_ids: ids("input_ids"),
+        greedy: ids("greedy_ids"),
+        logits,
+        vocab: shape[2],
+        steps: shape[1],
+    }
 }
 
 fn generate(dir: &Path, prompts: &[Vec<u32>], tp: usize, pp: usize, steps: usize) -> Generation {
     let model = ResolvedModel::resolve(dir.to_str().unwrap()).unwrap();
     let plan = ParallelPlan::new(&model.config, tp, pp).unwrap();
     let ckpt = Checkpoint::open(dir).unwrap();
-    let opts = GenerateOptions { max_new_tokens: steps, sampling: SamplingParams::greedy(), ignore_eos: true, keep_logits: true };
+    let opts = GenerateOptions {
+        max_new_tokens: steps,
+        sampling: SamplingParams::greedy(),
+        ignore_eos: true,
+        keep_logits: true,
+    };
     let outs = run_threads(&plan, Duration::from_secs(120), |rp, comms| {
         let b = CpuBackend::new(comms.tp, comms.pp);
         let llama = Llama::load(&b, &model.config, rp, &ckpt, 64, &mut |_, _| {})?;
@@ -85,7 +102,10 @@ fn check_fixture(name: &str, layouts: &[(usize, usize)]) {
                 }
             }
         }
-        assert!(max_err <= TOL, "{name} tp={tp} pp={pp}: max |logit - reference| = {max_err} > {TOL}");
+        assert!(
+            max_err <= TOL,
+            "{name} tp={tp} pp={pp}: max |logit - reference| = {max_err} > {TOL}"
+        );
         eprintln!("{name} tp={tp} pp={pp}: MAX_SEEN |logit - reference| = {max_err:.2e}");
     }
 }

@@ -69,7 +69,13 @@ fn random_prompts(seed: u64, batch: usize, len: usize, vocab: usize) -> Vec<Vec<
 }
 
 fn check_args(a: &BenchArgs) -> Result<()> {
-    for (flag, v) in [("--tp", &a.tp), ("--pp", &a.pp), ("--batch-size", &a.batch_size), ("--input-len", &a.input_len), ("--output-len", &a.output_len)] {
+    for (flag, v) in [
+        ("--tp", &a.tp),
+        ("--pp", &a.pp),
+        ("--batch-size", &a.batch_size),
+        ("--input-len", &a.input_len),
+        ("--output-len", &a.output_len),
+    ] {
         if v.is_empty() || v.contains(&0) {
             bail!("{flag} takes positive integers (a comma list runs each), got {v:?}");
         }
@@ -100,14 +106,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for &pp in &a.pp {
         for &tp in &a.tp {
             let plan = ParallelPlan::new(&model.config, tp, pp).with_context(|| format!("--tp {tp} --pp {pp}"))?;
-            let mem = MemoryParams { dtype_bytes: 2, batch_size: max_batch, max_seq_len: max_seq };
+            let mem = MemoryParams {
+                dtype_bytes: 2,
+                batch_size: max_batch,
+                max_seq_len: max_seq,
+            };
             println!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
             let per_rank = run_threads(&plan, a.model.timeout(), |rp, comms| {
                 let mut engine = build_engine(&model, rp, comms, src.as_ref(), max_batch, max_seq)?;
                 let mut all = Vec::new();
                 for &(b, i, o) in &configs {
                     let prompts = random_prompts(a.seed, b, i, model.config.vocab_size);
-                    let opts = GenerateOptions { max_new_tokens: o, sampling: SamplingParams::greedy(), ignore_eos: true, keep_logits: false };
+                    let opts = GenerateOptions {
+                        max_new_tokens: o,
+                        sampling: SamplingParams::greedy(),
+                        ignore_eos: true,
+                        keep_logits: false,
+                    };
                     for _ in 0..a.num_iters_warmup {
                         engine.generate(&prompts, &opts)?;
                     }
@@ -115,7 +130,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     for _ in 0..a.num_iters {
                         let t0 = Instant::now();
                         let g = engine.generate(&prompts, &opts)?;
-                        iters.push(Iter { total: t0.elapsed(), prefill: g.prefill, decode_steps: g.decode_steps });
+                        iters.push(Iter {
+                            total: t0.elapsed(),
+                            prefill: g.prefill,
+                            decode_steps: g.decode_steps,
+                        });
                     }
                     all.push(iters);
                 }
@@ -131,15 +150,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn report(a: &BenchArgs, model: &str, plan: &ParallelPlan, rt: &crate::common::Runtime, (b, i, o): (usize, usize, usize), iters: &[Iter]) -> Result<()> {
+fn report(
+    a: &BenchArgs,
+    model: &str,
+    plan: &ParallelPlan,
+    rt: &crate::common::Runtime,
+    (b, i, o): (usize, usize, usize),
+    iters: &[Iter],
+) -> Result<()> {
     let latency: Vec<f64> = iters.iter().map(|it| ms(&it.total)).collect();
     let prefill = Summary::of(&iters.iter().map(|it| ms(&it.prefill)).collect::<Vec<_>>());
-    let decode = Summary::of(&iters.iter().flat_map(|it| it.decode_steps.iter().map(ms)).collect::<Vec<_>>());
+    let decode = Summary::of(
+        &iters
+            .iter()
+            .flat_map(|it| it.decode_steps.iter().map(ms))
+            .collect::<Vec<_>>(),
+    );
     let lat = Summary::of(&latency);
     let out_tps = (b * o) as f64 / (lat.mean / 1e3);
     let total_tps = (b * (i + o)) as f64 / (lat.mean / 1e3);
     let f = |x: f64| format!("{x:.3}");
-    let row = |name: &str, s: &Summary| vec![name.to_string(), f(s.mean), f(s.std), f(s.p50), f(s.p90), f(s.p99), s.n.to_string()];
+    let row = |name: &str, s: &Summary| {
+        vec![
+            name.to_string(),
+            f(s.mean),
+            f(s.std),
+            f(s.p50),
+            f(s.p90),
+            f(s.p99),
+            s.n.to_string(),
+        ]
+    };
     println!(
         "== {model}  TP {} x PP {}  batch {b}  input {i}  output {o}  ({} iterations after {} warm-up)",
         plan.tp, plan.pp, a.num_iters, a.num_iters_warmup
@@ -148,7 +189,11 @@ fn report(a: &BenchArgs, model: &str, plan: &ParallelPlan, rt: &crate::common::R
         "{}",
         format_table(
             &["", "mean", "std", "p50", "p90", "p99", "n"],
-            &[row("prefill ms", &prefill), row("decode ms/step", &decode), row("batch latency ms", &lat)]
+            &[
+                row("prefill ms", &prefill),
+                row("decode ms/step", &decode),
+                row("batch latency ms", &lat)
+            ]
         )
     );
     println!("throughput: {out_tps:.1} output tokens/s, {total_tps:.1} tokens/s with the prompt\n");

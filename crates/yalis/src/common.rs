@@ -62,9 +62,11 @@ impl ModelArgs {
 
     pub fn weight_source(&self, model: &ResolvedModel, seed: u64) -> Result<Box<dyn WeightSource>> {
         match &model.dir {
-            Some(dir) if !self.dummy_weights => Ok(Box::new(
-                Checkpoint::open(dir).with_context(|| format!("opening the checkpoint in {}", dir.display()))?,
-            )),
+            Some(dir) if !self.dummy_weights => {
+                Ok(Box::new(Checkpoint::open(dir).with_context(|| {
+                    format!("opening the checkpoint in {}", dir.display())
+                })?))
+            }
             _ => Ok(Box::new(DummyWeights::new(seed))),
         }
     }
@@ -72,9 +74,9 @@ impl ModelArgs {
     pub fn runtime(&self) -> Result<Runtime> {
         let device = match self.device {
             Device::Cpu | Device::Auto => "cpu",
-            Device::Cuda => bail!(
-                "--device cuda: the CUDA backend is not part of this build yet; run with --device cpu (or auto)"
-            ),
+            Device::Cuda => {
+                bail!("--device cuda: the CUDA backend is not part of this build yet; run with --device cpu (or auto)")
+            }
         };
         let allreduce = match self.allreduce {
             AllReduce::Auto => "host (threads)",
@@ -125,13 +127,22 @@ pub fn build_engine(
 pub fn check_seq_len(model: &ResolvedModel, max_seq: usize) -> Result<()> {
     let limit = model.config.max_position_embeddings;
     if max_seq > limit {
-        bail!("sequences of {max_seq} tokens exceed max_position_embeddings={limit} of {}", model.name);
+        bail!(
+            "sequences of {max_seq} tokens exceed max_position_embeddings={limit} of {}",
+            model.name
+        );
     }
     Ok(())
 }
 
 /// The banner: model, layout, rank -> device, memory per rank.
-pub fn banner(model: &ResolvedModel, plan: &ParallelPlan, rt: &Runtime, src: &dyn WeightSource, mem: MemoryParams) -> String {
+pub fn banner(
+    model: &ResolvedModel,
+    plan: &ParallelPlan,
+    rt: &Runtime,
+    src: &dyn WeightSource,
+    mem: MemoryParams,
+) -> String {
     let c = &model.config;
     let mut s = format!(
         "yalis {} ({})\nmodel   {}: {} params, {} layers, hidden {}, {} heads / {} KV heads x {}, vocab {}\nweights {}\nlayout  TP {} x PP {} = {} ranks, device {}, all-reduce {}\n",

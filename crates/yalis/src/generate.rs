@@ -55,9 +55,14 @@ pub struct GenerateArgs {
 fn tokenizer(a: &GenerateArgs, model: &yalis_core::ResolvedModel) -> Result<TextTokenizer> {
     let bos = model.config.bos_token_id;
     match &model.dir {
-        Some(dir) if dir.join("tokenizer.json").exists() => Ok(TextTokenizer::from_file(&dir.join("tokenizer.json"), bos)?),
+        Some(dir) if dir.join("tokenizer.json").exists() => {
+            Ok(TextTokenizer::from_file(&dir.join("tokenizer.json"), bos)?)
+        }
         _ => {
-            eprintln!("note: {} has no tokenizer.json; using the built-in byte tokenizer", a.model.model);
+            eprintln!(
+                "note: {} has no tokenizer.json; using the built-in byte tokenizer",
+                a.model.model
+            );
             Ok(TextTokenizer::bytes(bos, model.config.eos_token_ids.first().copied()))
         }
     }
@@ -66,21 +71,39 @@ fn tokenizer(a: &GenerateArgs, model: &yalis_core::ResolvedModel) -> Result<Text
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = a.model.resolve()?;
     let rt = a.model.runtime()?;
-    let sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
     sampling.validate()?;
     if a.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
     let tok = tokenizer(&a, &model)?;
-    let prompts: Vec<Vec<u32>> = a.prompt.iter().map(|p| tok.encode(p)).collect::<yalis_core::Result<_>>()?;
+    let prompts: Vec<Vec<u32>> = a
+        .prompt
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<yalis_core::Result<_>>()?;
     let max_seq = prompts.iter().map(Vec::len).max().unwrap_or(0) + a.max_new_tokens;
     check_seq_len(&model, max_seq)?;
     let plan = ParallelPlan::new(&model.config, a.tp, a.pp)?;
     let src = a.model.weight_source(&model, a.seed)?;
-    let mem = MemoryParams { dtype_bytes: 2, batch_size: prompts.len(), max_seq_len: max_seq };
+    let mem = MemoryParams {
+        dtype_bytes: 2,
+        batch_size: prompts.len(),
+        max_seq_len: max_seq,
+    };
     eprintln!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
 
-    let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, sampling, ignore_eos: a.ignore_eos, keep_logits: a.logits_out.is_some() };
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        ignore_eos: a.ignore_eos,
+        keep_logits: a.logits_out.is_some(),
+    };
     let sampling_rank = (plan.pp - 1) * plan.tp;
     let outs = run_threads(&plan, a.model.timeout(), |rp, comms| {
         let mut engine = build_engine(&model, rp, comms, src.as_ref(), prompts.len(), max_seq)?;
@@ -126,6 +149,7 @@ fn write_logits(path: &std::path::Path, logits: &[Vec<Vec<f32>>], steps: usize, 
     }
     let bytes: Vec<u8> = flat.iter().flat_map(|x| x.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![logits.len(), steps, vocab], &bytes)?;
-    safetensors::serialize_to_file([("logits", view)], None, path).with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file([("logits", view)], None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

@@ -30,7 +30,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let c = &model.config;
     let plan = ParallelPlan::new(c, a.tp, a.pp)?;
     let capacity = a.gpu_mem.as_deref().map(parse_bytes).transpose().context("--gpu-mem")?;
-    let mem = MemoryParams { dtype_bytes: 2, batch_size: a.batch_size, max_seq_len: a.max_seq_len };
+    let mem = MemoryParams {
+        dtype_bytes: 2,
+        batch_size: a.batch_size,
+        max_seq_len: a.max_seq_len,
+    };
     println!(
         "{}: {} params ({} in bf16), {} layers, {} heads / {} KV heads, intermediate {}, vocab {}",
         model.name,
@@ -49,7 +53,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
         plan.world_size(),
         a.batch_size,
         a.max_seq_len,
-        capacity.map(|c| format!("; {} per device", fmt_bytes(c))).unwrap_or_default()
+        capacity
+            .map(|c| format!("; {} per device", fmt_bytes(c)))
+            .unwrap_or_default()
     );
     print!("{}", plan.describe(c, mem, capacity));
     if let Some(cap) = capacity {
