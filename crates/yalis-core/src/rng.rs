@@ -30,10 +30,15 @@ pub struct Rng {
     counter: u64,
 }
 
+/// The key of stream `stream` under `seed`: draw `i` of that stream is `uniform(key, i)`.
+pub fn stream_key(seed: u64, stream: u64) -> u64 {
+    mix64(seed ^ mix64(stream.wrapping_add(0x5851_F42D_4C95_7F2D)))
+}
+
 impl Rng {
     pub fn new(seed: u64, stream: u64) -> Self {
         Rng {
-            key: mix64(seed ^ mix64(stream.wrapping_add(0x5851_F42D_4C95_7F2D))),
+            key: stream_key(seed, stream),
             counter: 0,
         }
     }

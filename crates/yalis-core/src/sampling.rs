@@ -132,6 +132,11 @@ impl Sampler {
             s.truncate(keep);
             total = cum;
         }
+        // Invert the CDF in token-id order, whatever order the filters left: the draw then
+        // depends only on the kept set and its weights, as in the GPU sampler.
+        if sorted || top_k > 0 {
+            s.sort_unstable_by_key(|w| w.1);
+        }
         let u = self.rng.next_f32() as f64 * total;
         let mut cum = 0.0;
         for &(w, id) in s.iter() {
