@@ -43,6 +43,11 @@ impl Rng {
         }
     }
 
+    /// The generator of stream `key` positioned at draw `counter`.
+    pub fn at(key: u64, counter: u64) -> Self {
+        Rng { key, counter }
+    }
+
     /// Uniform in [0, 1).
     pub fn next_f32(&mut self) -> f32 {
         let u = uniform(self.key, self.counter);

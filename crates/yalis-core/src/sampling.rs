@@ -70,9 +70,14 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 impl Sampler {
     pub fn new(params: SamplingParams, stream: u64) -> Self {
+        Self::with_rng(params, Rng::new(params.seed, stream))
+    }
+
+    /// A sampler drawing from `rng` (one draw per non-greedy sample).
+    pub fn with_rng(params: SamplingParams, rng: Rng) -> Self {
         Sampler {
             params,
-            rng: Rng::new(params.seed, stream),
+            rng,
             scratch: Vec::new(),
         }
     }

@@ -35,6 +35,32 @@ pub trait WeightSource: Send + Sync {
     /// Reads `slice` of tensor `name`, whose full shape must be `shape`; a different shape on
     /// disk is an error naming the tensor, the file and both shapes.
     fn load(&self, name: &str, shape: &[usize], slice: Slice) -> crate::Result<HostTensor>;
+    /// The stored bytes of `slice` when they are bf16 and one contiguous run of a memory map
+    /// (`Full` or `Rows`), so a device can copy them with no host copy; None otherwise. Errors
+    /// as `load`.
+    fn mapped_bf16(&self, _name: &str, _shape: &[usize], _slice: &Slice) -> crate::Result<Option<&[u8]>> {
+        Ok(None)
+    }
+    /// For generated weights: how tensor `name` is drawn, so a device can generate its slice in
+    /// place. None for stored weights.
+    fn generator(&self, _name: &str, _shape: &[usize]) -> Option<DummyGen> {
+        None
+    }
+}
+
+/// Element `i` (row-major index in the full tensor) of a dummy tensor is
+/// `bf16(mean + a * (2 * uniform(key, i) - 1))`, computed in f32 in that order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DummyGen {
+    pub key: u64,
+    pub mean: f32,
+    pub a: f32,
+}
+
+impl DummyGen {
+    pub fn value(&self, i: u64) -> f32 {
+        self.mean + self.a * (2.0 * crate::rng::uniform(self.key, i) - 1.0)
+    }
 }
 
 impl HostTensor {
@@ -58,7 +84,7 @@ use memmap2::Mmap;
 use safetensors::{tensor::TensorInfo, Dtype};
 
 use crate::error::{Error, Result};
-use crate::rng::{hash_str, mix64, uniform};
+use crate::rng::{hash_str, mix64};
 
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
@@ -294,17 +320,9 @@ impl WeightSource for Checkpoint {
     }
 
     fn load(&self, name: &str, shape: &[usize], slice: Slice) -> Result<HostTensor> {
-        let Some(entry) = self.tensors.get(name) else {
-            let msg = format!("not found among its {} tensors", self.tensors.len());
-            return Err(tensor_err(&self.source, name, msg));
-        };
+        let entry = self.entry(name, shape)?;
         let (path, map) = &self.files[entry.file];
         let err = |msg: String| tensor_err(path, name, msg);
-        if entry.shape != shape {
-            let on_disk = &entry.shape;
-            let msg = format!("shape {on_disk:?} in the file, expected {shape:?}");
-            return Err(err(msg));
-        }
         let (shape, ranges) = slice_ranges(shape, &slice).map_err(err)?;
         let bytes = &map[entry.bytes.clone()];
         let data = match entry.dtype {
@@ -317,6 +335,36 @@ impl WeightSource for Checkpoint {
             }
         };
         Ok(HostTensor { shape, data })
+    }
+
+    fn mapped_bf16(&self, name: &str, shape: &[usize], slice: &Slice) -> Result<Option<&[u8]>> {
+        let entry = self.entry(name, shape)?;
+        if entry.dtype != Dtype::BF16 || matches!(slice, Slice::Cols(_)) {
+            return Ok(None);
+        }
+        let (path, map) = &self.files[entry.file];
+        let (_, ranges) = slice_ranges(shape, slice).map_err(|m| tensor_err(path, name, m))?;
+        let bytes = &map[entry.bytes.clone()];
+        Ok(Some(&bytes[ranges[0].start * 2..ranges[0].end * 2]))
+    }
+}
+
+impl Checkpoint {
+    /// The entry of `name`, checked to have `shape`.
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
+        let Some(entry) = self.tensors.get(name) else {
+            let msg = format!("not found among its {} tensors", self.tensors.len());
+            return Err(tensor_err(&self.source, name, msg));
+        };
+        if entry.shape != shape {
+            let (path, on_disk) = (&self.files[entry.file].0, &entry.shape);
+            return Err(tensor_err(
+                path,
+                name,
+                format!("shape {on_disk:?} in the file, expected {shape:?}"),
+            ));
+        }
+        Ok(entry)
     }
 }
 
@@ -340,10 +388,8 @@ impl WeightSource for DummyWeights {
         format!("dummy weights (seed {})", self.seed)
     }
 
-    fn load(&self, name: &str, shape: &[usize], slice: Slice) -> Result<HostTensor> {
+    fn generator(&self, name: &str, shape: &[usize]) -> Option<DummyGen> {
         let in_features = shape.last().copied().unwrap_or(1).max(1) as f32;
-        let (shape, ranges) = slice_ranges(shape, &slice)
-            .map_err(|msg| Error::Invalid(format!("{}: tensor '{name}': {msg}", self.describe())))?;
         let (mean, std) = match name {
             _ if name.ends_with("norm.weight") => (1.0, 0.05),
             "model.embed_tokens.weight" => (0.0, 1.0),
@@ -351,10 +397,22 @@ impl WeightSource for DummyWeights {
         };
         // Uniform on [mean - a, mean + a] has std a / sqrt(3).
         let a = std * 3f32.sqrt();
-        let key = mix64(self.seed ^ mix64(hash_str(name)));
+        Some(DummyGen {
+            key: mix64(self.seed ^ mix64(hash_str(name))),
+            mean,
+            a,
+        })
+    }
+
+    fn load(&self, name: &str, shape: &[usize], slice: Slice) -> Result<HostTensor> {
+        let gen = self
+            .generator(name, shape)
+            .expect("dummy weights generate every tensor");
+        let (shape, ranges) = slice_ranges(shape, &slice)
+            .map_err(|msg| Error::Invalid(format!("{}: tensor '{name}': {msg}", self.describe())))?;
         let mut data = Vec::with_capacity(ranges.iter().map(|r| r.len()).sum());
         for r in ranges {
-            data.extend(r.map(|i| bf16::from_f32(mean + a * (2.0 * uniform(key, i as u64) - 1.0))));
+            data.extend(r.map(|i| bf16::from_f32(gen.value(i as u64))));
         }
         let data = HostData::Bf16(data);
         Ok(HostTensor { shape, data })

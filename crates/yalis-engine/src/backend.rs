@@ -1,9 +1,10 @@
 //! The op set a backend provides. The model calls these and nothing else, so the CPU reference
 //! and the CUDA backend run the same Llama.
 
-use yalis_core::weights::HostTensor;
+use yalis_core::sampling::SamplingParams;
+use yalis_core::weights::{HostData, HostTensor, Slice, WeightSource};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// One sequence's part of a step: `len` new tokens at positions `start_pos..start_pos + len`,
 /// cached in KV slot `slot`. Prefill has `start_pos = 0, len = prompt length`; decode has
@@ -61,6 +62,24 @@ impl QkvLayout {
     }
 }
 
+/// What one step feeds in: the batch, a token id per packed token (first stage), and per
+/// sequence the sampling stream key and draw counter (see `yalis_core::rng::stream_key`).
+#[derive(Clone, Copy, Debug)]
+pub struct StepInputs<'a> {
+    pub batch: &'a StepBatch,
+    pub ids: &'a [u32],
+    pub sample_keys: &'a [u64],
+    pub sample_counters: &'a [u64],
+}
+
+/// Part of a weight: `slice` of tensor `name` of full shape `shape`.
+#[derive(Clone, Debug)]
+pub struct WeightPiece<'a> {
+    pub name: &'a str,
+    pub shape: Vec<usize>,
+    pub slice: Slice,
+}
+
 /// The op set. Activations are 2-D `[rows, cols]`; weights keep the HF `[out, in]` layout.
 /// Every op writes all of its output.
 pub trait Backend {
@@ -71,6 +90,34 @@ pub trait Backend {
 
     fn describe(&self) -> String;
     fn upload(&self, w: &HostTensor) -> Result<Self::Weight>;
+    /// One weight from `pieces` stacked by rows, padded with zero rows to `padded_rows`. The
+    /// default reads through the host; a device backend may copy from a memory map or
+    /// generate dummy weights in place.
+    fn load_weight(
+        &self,
+        src: &dyn WeightSource,
+        pieces: &[WeightPiece],
+        padded_rows: Option<usize>,
+    ) -> Result<Self::Weight> {
+        let mut parts = pieces
+            .iter()
+            .map(|p| src.load(p.name, &p.shape, p.slice.clone()))
+            .collect::<yalis_core::Result<Vec<_>>>()?;
+        let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
+        if let Some(padded) = padded_rows.filter(|&p| p > rows) {
+            let cols = parts[0].shape.get(1).copied().unwrap_or(1);
+            let n = (padded - rows) * cols;
+            let data = match parts[0].data {
+                HostData::F32(_) => HostData::F32(vec![0.0; n]),
+                HostData::Bf16(_) => HostData::Bf16(vec![half::bf16::ZERO; n]),
+            };
+            parts.push(HostTensor {
+                shape: vec![padded - rows, cols],
+                data,
+            });
+        }
+        self.upload(&concat_rows(parts)?)
+    }
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     fn alloc_kv_cache(&self, slots: usize, max_seq: usize, kv_heads: usize, head_dim: usize) -> Result<Self::KvCache>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
@@ -133,4 +180,63 @@ pub trait Backend {
     /// PP: send to the next stage / receive from the previous one (same TP rank).
     fn send_next(&self, x: &Self::Tensor) -> Result<()>;
     fn recv_prev(&self, x: &mut Self::Tensor) -> Result<()>;
+
+    /// Takes the step's inputs before its ops are enqueued (a device backend uploads them to
+    /// the fixed buffers its ops and graphs read).
+    fn begin_step(&self, inputs: &StepInputs) -> Result<()>;
+    /// Enqueues sampling of one token per row of `logits` (`[seqs, >= vocab]`), row i with the
+    /// step's key and counter of sequence i.
+    fn sample(&self, logits: &Self::Tensor, vocab: usize, params: &SamplingParams) -> Result<()>;
+    /// The `n` tokens of the last `sample`, on the host (waits for them).
+    fn sampled_tokens(&self, n: usize) -> Result<Vec<u32>>;
+
+    /// CUDA graphs, keyed by the caller (one per decode batch size). `graph_begin` starts
+    /// capturing and returns false when the backend has no graphs; `graph_launch` replays a
+    /// captured graph and returns false when there is none for `key`.
+    fn graph_begin(&self, _key: u64) -> Result<bool> {
+        Ok(false)
+    }
+    fn graph_end(&self, _key: u64) -> Result<()> {
+        Ok(())
+    }
+    fn graph_launch(&self, _key: u64) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+/// Stacks 2-D tensors of equal width (1-D tensors count as one row). Mixed storage is widened
+/// to f32.
+pub fn concat_rows(parts: Vec<HostTensor>) -> Result<HostTensor> {
+    let width = |p: &HostTensor| if p.shape.len() == 1 { p.shape[0] } else { p.shape[1] };
+    let cols = width(&parts[0]);
+    if let Some(p) = parts.iter().find(|p| p.shape.len() > 2 || width(p) != cols) {
+        return Err(Error::Invalid(format!(
+            "cannot stack a tensor of shape {:?} under width {cols}",
+            p.shape
+        )));
+    }
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().unwrap());
+    }
+    let rows = parts
+        .iter()
+        .map(|p| if p.shape.len() == 1 { 1 } else { p.shape[0] })
+        .sum();
+    let data = if parts.iter().all(|p| matches!(p.data, HostData::Bf16(_))) {
+        HostData::Bf16(
+            parts
+                .into_iter()
+                .flat_map(|p| match p.data {
+                    HostData::Bf16(v) => v,
+                    HostData::F32(_) => unreachable!(),
+                })
+                .collect(),
+        )
+    } else {
+        HostData::F32(parts.iter().flat_map(|p| p.to_f32()).collect())
+    };
+    Ok(HostTensor {
+        shape: vec![rows, cols],
+        data,
+    })
 }

@@ -1,11 +1,16 @@
 //! The CPU backend: plain f32 Rust, the numerical reference. Weights stored in bf16 on disk stay
 //! bf16 in memory and are widened row by row.
 
+use std::cell::RefCell;
+
 use half::bf16;
 use yalis_comm::HostComm;
 use yalis_core::weights::{HostData, HostTensor};
 
-use crate::backend::{Backend, QkvLayout, StepBatch};
+use yalis_core::rng::Rng;
+use yalis_core::sampling::{Sampler, SamplingParams};
+
+use crate::backend::{Backend, QkvLayout, StepBatch, StepInputs};
 use crate::{Error, Result};
 
 /// A row-major f32 activation.
@@ -77,11 +82,17 @@ impl CpuKvCache {
 pub struct CpuBackend {
     tp: Box<dyn HostComm>,
     pp: Box<dyn HostComm>,
+    /// The step's per-sequence sampling keys and counters, and the last sampled tokens.
+    sampling: RefCell<(Vec<u64>, Vec<u64>, Vec<u32>)>,
 }
 
 impl CpuBackend {
     pub fn new(tp: Box<dyn HostComm>, pp: Box<dyn HostComm>) -> Self {
-        CpuBackend { tp, pp }
+        CpuBackend {
+            tp,
+            pp,
+            sampling: RefCell::default(),
+        }
     }
 }
 
@@ -448,6 +459,38 @@ impl Backend for CpuBackend {
 
     fn send_next(&self, x: &CpuTensor) -> Result<()> {
         Ok(self.pp.send(&x.data, self.pp.rank() + 1)?)
+    }
+
+    fn begin_step(&self, inputs: &StepInputs) -> Result<()> {
+        let mut s = self.sampling.borrow_mut();
+        s.0 = inputs.sample_keys.to_vec();
+        s.1 = inputs.sample_counters.to_vec();
+        Ok(())
+    }
+
+    fn sample(&self, logits: &CpuTensor, vocab: usize, params: &SamplingParams) -> Result<()> {
+        let mut s = self.sampling.borrow_mut();
+        check("sample", logits.cols >= vocab && s.0.len() == logits.rows, || {
+            format!(
+                "[{}, {}] logits, vocab {vocab}, {} sampling keys",
+                logits.rows,
+                logits.cols,
+                s.0.len()
+            )
+        })?;
+        let tokens = (0..logits.rows)
+            .map(|r| Sampler::with_rng(*params, Rng::at(s.0[r], s.1[r])).sample(&logits.row(r)[..vocab]))
+            .collect();
+        s.2 = tokens;
+        Ok(())
+    }
+
+    fn sampled_tokens(&self, n: usize) -> Result<Vec<u32>> {
+        let s = self.sampling.borrow();
+        check("sampled_tokens", s.2.len() == n, || {
+            format!("{n} tokens asked, {} sampled", s.2.len())
+        })?;
+        Ok(s.2.clone())
     }
 
     fn recv_prev(&self, x: &mut CpuTensor) -> Result<()> {

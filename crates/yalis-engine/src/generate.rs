@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use yalis_comm::HostComm;
-use yalis_core::sampling::{Sampler, SamplingParams};
+use yalis_core::rng::stream_key;
+use yalis_core::sampling::SamplingParams;
 
-use crate::backend::{Backend, SeqChunk, StepBatch};
+use crate::backend::{Backend, SeqChunk, StepBatch, StepInputs};
 use crate::llama::Llama;
 use crate::{Error, Result};
 
@@ -37,6 +38,7 @@ pub struct Engine<B: Backend> {
     caches: Vec<B::KvCache>,
     max_batch: usize,
     max_seq: usize,
+    cuda_graphs: bool,
 }
 
 impl<B: Backend> Engine<B> {
@@ -56,6 +58,7 @@ impl<B: Backend> Engine<B> {
             caches,
             max_batch,
             max_seq,
+            cuda_graphs: true,
         })
     }
 
@@ -97,40 +100,60 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs one step and returns the next token of every sequence in `batch`, on every rank.
+    /// Decode steps run as one CUDA graph per batch size where the backend has graphs (not
+    /// while logits are kept: the host then reads them between the forward and the sampler).
     fn step(
         &mut self,
-        batch: &StepBatch,
-        ids: &[u32],
-        samplers: &mut [Sampler],
+        inputs: StepInputs,
+        sampling: &SamplingParams,
+        keep: Option<&mut Vec<Vec<Vec<f32>>>>,
         seq_ids: &[usize],
-        logits_out: Option<&mut Vec<Vec<Vec<f32>>>>,
     ) -> Result<Vec<u32>> {
-        let logits = self.model.forward(&self.backend, batch, ids, &mut self.caches)?;
-        let mut next = vec![0u32; batch.seqs.len()];
-        let root = self.sampling_rank();
-        if self.world.rank() == root {
-            let logits = logits.expect("the sampling rank is on the last stage");
-            let host = self.backend.to_host(&logits)?;
-            let width = host.len() / batch.seqs.len();
-            let vocab = self.model.cfg.vocab_size;
-            let mut keep = logits_out;
-            for (k, row) in host.chunks_exact(width).enumerate() {
-                let row = &row[..vocab];
-                next[k] = samplers[seq_ids[k]].sample(row);
-                if let Some(out) = keep.as_deref_mut() {
-                    out[seq_ids[k]].push(row.to_vec());
+        let b = &self.backend;
+        let n = inputs.batch.seqs.len();
+        let last_stage = self.model.plan.is_last_stage();
+        let vocab = self.model.cfg.vocab_size;
+        b.begin_step(&inputs)?;
+        let decode = inputs.batch.seqs.iter().all(|s| s.len == 1);
+        let key = n as u64;
+        let graphed = self.cuda_graphs && decode && keep.is_none();
+        if !(graphed && b.graph_launch(key)?) {
+            let capturing = graphed && b.graph_begin(key)?;
+            let logits = self.model.forward(b, inputs.batch, inputs.ids, &mut self.caches)?;
+            if let Some(logits) = &logits {
+                b.sample(logits, vocab, sampling)?;
+                if let Some(out) = keep {
+                    let host = b.to_host(logits)?;
+                    for (row, &seq) in host.chunks_exact(host.len() / n).zip(seq_ids) {
+                        out[seq].push(row[..vocab].to_vec());
+                    }
                 }
             }
+            if capturing {
+                b.graph_end(key)?;
+                b.graph_launch(key)?;
+            }
         }
+        let root = self.sampling_rank();
+        let mut next = if last_stage && self.world.rank() == root {
+            b.sampled_tokens(n)?
+        } else {
+            vec![0u32; n]
+        };
         self.world.broadcast_u32(&mut next, root)?;
         Ok(next)
+    }
+
+    /// CUDA graphs for decode steps (on by default; backends without graphs ignore it).
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on;
     }
 
     pub fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Generation> {
         self.check(prompts, opts)?;
         let n = prompts.len();
         let eos = self.model.cfg.eos_token_ids.clone();
-        let mut samplers: Vec<Sampler> = (0..n).map(|i| Sampler::new(opts.sampling, i as u64)).collect();
+        let keys: Vec<u64> = (0..n as u64).map(|i| stream_key(opts.sampling.seed, i)).collect();
         let mut out = Generation {
             tokens: vec![Vec::new(); n],
             ..Default::default()
@@ -151,7 +174,13 @@ impl<B: Backend> Engine<B> {
         let mut ids: Vec<u32> = prompts.concat();
         for step in 0..opts.max_new_tokens {
             let t0 = Instant::now();
-            let next = self.step(&batch, &ids, &mut samplers, &active, logits.as_mut())?;
+            let inputs = StepInputs {
+                batch: &batch,
+                ids: &ids,
+                sample_keys: &active.iter().map(|&i| keys[i]).collect::<Vec<_>>(),
+                sample_counters: &active.iter().map(|&i| out.tokens[i].len() as u64).collect::<Vec<_>>(),
+            };
+            let next = self.step(inputs, &opts.sampling, logits.as_mut(), &active)?;
             let dt = t0.elapsed();
             if step == 0 {
                 out.prefill = dt;

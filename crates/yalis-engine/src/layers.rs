@@ -3,10 +3,10 @@
 
 use std::ops::Range;
 
-use yalis_core::weights::{HostData, HostTensor, Slice, WeightSource};
+use yalis_core::weights::{Slice, WeightSource};
 
-use crate::backend::Backend;
-use crate::{Error, Result};
+use crate::backend::{Backend, WeightPiece};
+use crate::Result;
 
 /// One piece of a fused column-parallel weight: rows `rows` of tensor `name`, whose full shape
 /// is `[full_rows, in_features]`.
@@ -20,19 +20,20 @@ pub struct Piece<'a> {
 /// into one weight (Q|K|V, gate|up). No communication.
 pub struct ColumnParallelLinear<B: Backend> {
     pub weight: B::Weight,
-    pub out_per_rank: usize,
 }
 
 impl<B: Backend> ColumnParallelLinear<B> {
     pub fn load(b: &B, src: &dyn WeightSource, pieces: &[Piece], in_features: usize) -> Result<Self> {
-        let parts = pieces
+        let pieces: Vec<WeightPiece> = pieces
             .iter()
-            .map(|p| src.load(p.name, &[p.full_rows, in_features], Slice::Rows(p.rows.clone())))
-            .collect::<yalis_core::Result<Vec<_>>>()?;
-        let fused = concat_rows(parts)?;
+            .map(|p| WeightPiece {
+                name: p.name,
+                shape: vec![p.full_rows, in_features],
+                slice: Slice::Rows(p.rows.clone()),
+            })
+            .collect();
         Ok(ColumnParallelLinear {
-            out_per_rank: fused.shape[0],
-            weight: b.upload(&fused)?,
+            weight: b.load_weight(src, &pieces, None)?,
         })
     }
 
@@ -48,8 +49,14 @@ pub struct RowParallelLinear<B: Backend> {
 
 impl<B: Backend> RowParallelLinear<B> {
     pub fn load(b: &B, src: &dyn WeightSource, name: &str, shape: [usize; 2], cols: Range<usize>) -> Result<Self> {
-        let w = src.load(name, &shape, Slice::Cols(cols))?;
-        Ok(RowParallelLinear { weight: b.upload(&w)? })
+        let piece = WeightPiece {
+            name,
+            shape: shape.to_vec(),
+            slice: Slice::Cols(cols),
+        };
+        Ok(RowParallelLinear {
+            weight: b.load_weight(src, &[piece], None)?,
+        })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor, out: &mut B::Tensor) -> Result<()> {
@@ -92,59 +99,4 @@ impl<B: Backend> ParallelLmHead<B> {
         b.all_gather_cols(&local, &mut all)?;
         Ok(all)
     }
-}
-
-/// Loads rows `rows` of a `[vocab, hidden]` table, padded with zero rows to `padded_rows`.
-pub fn load_vocab_shard(
-    src: &dyn WeightSource,
-    name: &str,
-    shape: [usize; 2],
-    rows: Range<usize>,
-    padded_rows: usize,
-) -> Result<HostTensor> {
-    let t = src.load(name, &shape, Slice::Rows(rows))?;
-    let missing = padded_rows - t.shape[0];
-    if missing == 0 {
-        return Ok(t);
-    }
-    let zero = HostTensor {
-        shape: vec![missing, shape[1]],
-        data: match t.data {
-            HostData::F32(_) => HostData::F32(vec![0.0; missing * shape[1]]),
-            HostData::Bf16(_) => HostData::Bf16(vec![half::bf16::ZERO; missing * shape[1]]),
-        },
-    };
-    concat_rows(vec![t, zero])
-}
-
-/// Stacks 2-D tensors of equal width. Mixed storage is widened to f32.
-pub fn concat_rows(parts: Vec<HostTensor>) -> Result<HostTensor> {
-    let cols = parts[0].shape[1];
-    if let Some(p) = parts.iter().find(|p| p.shape.len() != 2 || p.shape[1] != cols) {
-        return Err(Error::Invalid(format!(
-            "cannot stack a tensor of shape {:?} under width {cols}",
-            p.shape
-        )));
-    }
-    let rows = parts.iter().map(|p| p.shape[0]).sum();
-    if parts.len() == 1 {
-        return Ok(parts.into_iter().next().unwrap());
-    }
-    let data = if parts.iter().all(|p| matches!(p.data, HostData::Bf16(_))) {
-        HostData::Bf16(
-            parts
-                .into_iter()
-                .flat_map(|p| match p.data {
-                    HostData::Bf16(v) => v,
-                    HostData::F32(_) => unreachable!(),
-                })
-                .collect(),
-        )
-    } else {
-        HostData::F32(parts.iter().flat_map(|p| p.to_f32()).collect())
-    };
-    Ok(HostTensor {
-        shape: vec![rows, cols],
-        data,
-    })
 }

@@ -10,10 +10,8 @@
 use yalis_core::weights::{HostData, HostTensor, Slice, WeightSource};
 use yalis_core::{ModelConfig, RankPlan};
 
-use crate::backend::{Backend, QkvLayout, StepBatch};
-use crate::layers::{
-    load_vocab_shard, ColumnParallelLinear, ParallelLmHead, Piece, RowParallelLinear, VocabParallelEmbedding,
-};
+use crate::backend::{Backend, QkvLayout, StepBatch, WeightPiece};
+use crate::layers::{ColumnParallelLinear, ParallelLmHead, Piece, RowParallelLinear, VocabParallelEmbedding};
 use crate::Result;
 
 pub struct Attention<B: Backend> {
@@ -99,7 +97,10 @@ impl<B: Backend> Llama<B> {
         let hd = cfg.head_dim;
         let (v, vocab_rows, vpr) = (cfg.vocab_size, plan.vocab_start..plan.vocab_end, plan.vocab_per_rank);
         let total = plan.layers.len() + 2;
-        let norm = |name: &str| -> Result<B::Weight> { b.upload(&src.load(name, &[h], Slice::Full)?) };
+        let one = |name: &str, shape: Vec<usize>, slice: Slice, pad: Option<usize>| -> Result<B::Weight> {
+            b.load_weight(src, &[WeightPiece { name, shape, slice }], pad)
+        };
+        let norm = |name: &str| one(name, vec![h], Slice::Full, None);
 
         let embed = if plan.is_first_stage() {
             let t = src.load("model.embed_tokens.weight", &[v, h], Slice::Rows(vocab_rows.clone()))?;
@@ -206,11 +207,11 @@ impl<B: Backend> Llama<B> {
             } else {
                 "lm_head.weight"
             };
-            let w = load_vocab_shard(src, name, [v, h], vocab_rows, vpr)?;
+            let weight = one(name, vec![v, h], Slice::Rows(vocab_rows), Some(vpr))?;
             (
                 Some(norm("model.norm.weight")?),
                 Some(ParallelLmHead {
-                    weight: b.upload(&w)?,
+                    weight,
                     vocab_per_rank: vpr,
                 }),
             )

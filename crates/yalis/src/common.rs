@@ -81,8 +81,8 @@ impl ModelArgs {
         let allreduce = match self.allreduce {
             AllReduce::Auto => "host (threads)",
             AllReduce::Nccl | AllReduce::Nvrar => bail!(
-                "--allreduce {:?} needs --device cuda; on the CPU the ranks all-reduce through the host communicator (use --allreduce auto)",
-                self.allreduce
+                "--allreduce {} needs --device cuda; on the CPU the ranks all-reduce through the host communicator (use --allreduce auto)",
+                self.allreduce.to_possible_value().expect("no skipped variants").get_name()
             ),
         };
         Ok(Runtime { device, allreduce })

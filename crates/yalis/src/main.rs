@@ -1,8 +1,9 @@
-//! `yalis`: the batch-latency benchmark (no subcommand), `generate` and `plan`.
+//! `yalis`: the batch-latency benchmark (no subcommand), `generate`, `plan` and `info`.
 
 mod bench;
 mod common;
 mod generate;
+mod info;
 mod plan;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print each rank's shards and memory, and whether it fits.
     Plan(plan::PlanArgs),
+    /// Print the version, build features, embedded kernels, and the GPUs and CUDA libraries found.
+    Info,
 }
 
 fn main() {
@@ -39,6 +42,7 @@ fn main() {
         None => bench::run(cli.bench),
         Some(Command::Generate(a)) => generate::run(a),
         Some(Command::Plan(a)) => plan::run(a),
+        Some(Command::Info) => info::run(),
     };
     if let Err(e) = result {
         eprintln!("yalis: error: {e:#}");
