@@ -119,6 +119,10 @@ pub trait Backend {
         self.upload(&concat_rows(parts)?)
     }
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// An f32 activation (logits), whatever the backend's activation type.
+    fn alloc_f32(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// A lookup table kept in f32 (the RoPE cos and sin tables), not a weight.
+    fn upload_table(&self, t: &HostTensor) -> Result<Self::Weight>;
     fn alloc_kv_cache(&self, slots: usize, max_seq: usize, kv_heads: usize, head_dim: usize) -> Result<Self::KvCache>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
     /// Waits for all work enqueued so far (for timing).

@@ -165,6 +165,14 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn alloc_f32(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
+        self.alloc(rows, cols)
+    }
+
+    fn upload_table(&self, t: &HostTensor) -> Result<CpuWeight> {
+        self.upload(t)
+    }
+
     fn alloc_kv_cache(&self, slots: usize, max_seq: usize, kv_heads: usize, head_dim: usize) -> Result<CpuKvCache> {
         let n = slots * max_seq * kv_heads * head_dim;
         Ok(CpuKvCache {

@@ -90,12 +90,12 @@ pub struct ParallelLmHead<B: Backend> {
 impl<B: Backend> ParallelLmHead<B> {
     /// `x` is `[seqs, hidden]`; returns `[seqs, vocab_per_rank * tp]`.
     pub fn forward(&self, b: &B, x: &B::Tensor, rows: usize, tp: usize) -> Result<B::Tensor> {
-        let mut local = b.alloc(rows, self.vocab_per_rank)?;
+        let mut local = b.alloc_f32(rows, self.vocab_per_rank)?;
         b.matmul(x, &self.weight, &mut local)?;
         if tp == 1 {
             return Ok(local);
         }
-        let mut all = b.alloc(rows, self.vocab_per_rank * tp)?;
+        let mut all = b.alloc_f32(rows, self.vocab_per_rank * tp)?;
         b.all_gather_cols(&local, &mut all)?;
         Ok(all)
     }

@@ -236,8 +236,8 @@ impl<B: Backend> Llama<B> {
             layers,
             final_norm,
             lm_head,
-            rope_cos: b.upload(&table(f64::cos))?,
-            rope_sin: b.upload(&table(f64::sin))?,
+            rope_cos: b.upload_table(&table(f64::cos))?,
+            rope_sin: b.upload_table(&table(f64::sin))?,
             eps: cfg.rms_norm_eps as f32,
         })
     }

@@ -89,7 +89,7 @@ fn check_args(a: &BenchArgs) -> Result<()> {
 pub fn run(a: BenchArgs) -> Result<()> {
     check_args(&a)?;
     let model = a.model.resolve()?;
-    let rt = a.model.runtime()?;
+    a.model.runtime(1)?; // flag errors before any work
     let src = a.model.weight_source(&model, a.seed)?;
     let mut configs = Vec::new();
     for &b in &a.batch_size {
@@ -106,14 +106,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for &pp in &a.pp {
         for &tp in &a.tp {
             let plan = ParallelPlan::new(&model.config, tp, pp).with_context(|| format!("--tp {tp} --pp {pp}"))?;
+            let rt = a.model.runtime(plan.world_size())?;
             let mem = MemoryParams {
                 dtype_bytes: 2,
                 batch_size: max_batch,
                 max_seq_len: max_seq,
             };
+            if let Some(cap) = rt.capacity {
+                plan.check_fits(&model.config, mem, cap)?;
+            }
             println!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
             let per_rank = run_threads(&plan, a.model.timeout(), |rp, comms| {
-                let mut engine = build_engine(&model, rp, comms, src.as_ref(), max_batch, max_seq)?;
+                let mut engine = build_engine(&model, rp, comms, src.as_ref(), &rt, max_batch, max_seq)?;
                 let mut all = Vec::new();
                 for &(b, i, o) in &configs {
                     let prompts = random_prompts(a.seed, b, i, model.config.vocab_size);

@@ -11,7 +11,7 @@ use yalis_comm::RankComms;
 use yalis_core::plan::{fmt_bytes, MemoryParams};
 use yalis_core::weights::{Checkpoint, DummyWeights, WeightSource};
 use yalis_core::{ParallelPlan, RankPlan, ResolvedModel};
-use yalis_engine::{CpuBackend, Engine, Llama};
+use yalis_engine::{Backend, CpuBackend, Engine, GenerateOptions, Generation, Llama};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Device {
@@ -47,12 +47,57 @@ pub struct ModelArgs {
     /// Seconds any rank may wait on another before the job is declared hung and ended.
     #[arg(long, default_value_t = 600)]
     pub comm_timeout: u64,
+    /// Capture each decode step as one CUDA graph per batch size and replay it.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub cuda_graphs: OnOff,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// Visible CUDA GPUs: (name, bytes the planner may use). Empty without the cuda feature or a driver.
+#[cfg(feature = "cuda")]
+fn cuda_devices() -> Vec<(String, u64)> {
+    // Leave 2 GiB of each GPU to the CUDA context, cuBLAS and the graphs.
+    yalis_cuda::devices()
+        .into_iter()
+        .map(|d| {
+            (
+                format!("cuda:{} {}", d.ordinal, d.name),
+                d.total_bytes.saturating_sub(2 << 30),
+            )
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_devices() -> Vec<(String, u64)> {
+    Vec::new()
 }
 
 /// The device and all-reduce a run will use, after `auto` is resolved.
 pub struct Runtime {
     pub device: &'static str,
     pub allreduce: &'static str,
+    /// Per-rank device names ("cuda:0 NVIDIA H200") for the banner and provenance.
+    pub devices: Vec<String>,
+    /// Free memory of the smallest device, for the planner's fit check.
+    pub capacity: Option<u64>,
+    pub cuda_graphs: bool,
+}
+
+/// What a rank's engine offers the subcommands, whatever its backend.
+pub trait RankEngine {
+    fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> yalis_engine::Result<Generation>;
+}
+
+impl<B: Backend> RankEngine for Engine<B> {
+    fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> yalis_engine::Result<Generation> {
+        Engine::generate(self, prompts, opts)
+    }
 }
 
 impl ModelArgs {
@@ -71,21 +116,51 @@ impl ModelArgs {
         }
     }
 
-    pub fn runtime(&self) -> Result<Runtime> {
-        let device = match self.device {
-            Device::Cpu | Device::Auto => "cpu",
-            Device::Cuda => {
-                bail!("--device cuda: the CUDA backend is not part of this build yet; run with --device cpu (or auto)")
-            }
+    /// Resolves `--device` and `--allreduce` for a job of `world` ranks on this node.
+    pub fn runtime(&self, world: usize) -> Result<Runtime> {
+        let gpus = cuda_devices();
+        let device = match (self.device, gpus.is_empty()) {
+            (Device::Cpu, _) | (Device::Auto, true) => "cpu",
+            (Device::Cuda | Device::Auto, false) => "cuda",
+            (Device::Cuda, true) if !cfg!(feature = "cuda") => bail!(
+                "--device cuda: this binary was built without the CUDA backend; rebuild with `scripts/setup-cuda.sh && cargo build --release --features cuda`, or run with --device cpu"
+            ),
+            (Device::Cuda, true) => bail!("--device cuda: no CUDA GPU is visible here (libcuda missing, or CUDA_VISIBLE_DEVICES empty); run with --device cpu"),
         };
-        let allreduce = match self.allreduce {
-            AllReduce::Auto => "host (threads)",
-            AllReduce::Nccl | AllReduce::Nvrar => bail!(
+        let allreduce = match (self.allreduce, device) {
+            (AllReduce::Auto, "cpu") => "host (threads)",
+            (AllReduce::Auto, _) => "none (one rank)",
+            (a, "cpu") => bail!(
                 "--allreduce {} needs --device cuda; on the CPU the ranks all-reduce through the host communicator (use --allreduce auto)",
-                self.allreduce.to_possible_value().expect("no skipped variants").get_name()
+                a.to_possible_value().expect("no skipped variants").get_name()
+            ),
+            (a, _) => bail!(
+                "--allreduce {}: the NCCL and NVRAR communicators are not in this build yet (use --allreduce auto)",
+                a.to_possible_value().expect("no skipped variants").get_name()
             ),
         };
-        Ok(Runtime { device, allreduce })
+        if device == "cuda" {
+            if world > 1 {
+                bail!("TP x PP = {world} ranks on CUDA needs the NCCL communicator, which is not in this build yet; run TP 1 x PP 1 on CUDA, or use --device cpu");
+            }
+            if gpus.len() < world {
+                bail!("{world} ranks need {world} GPUs; {} visible", gpus.len());
+            }
+        }
+        let (devices, capacity) = match device {
+            "cpu" => (vec!["cpu".to_string(); world], None),
+            _ => (
+                gpus.iter().take(world).map(|(n, _)| n.clone()).collect(),
+                gpus.iter().take(world).map(|g| g.1).min(),
+            ),
+        };
+        Ok(Runtime {
+            device,
+            allreduce,
+            devices,
+            capacity,
+            cuda_graphs: self.cuda_graphs == OnOff::On,
+        })
     }
 
     pub fn timeout(&self) -> Duration {
@@ -93,16 +168,89 @@ impl ModelArgs {
     }
 }
 
-/// Builds one rank's engine: backend, shards (with a progress bar on rank 0) and KV cache.
+/// Builds one rank's engine on the runtime's device: backend, shards (with a progress bar on
+/// rank 0) and KV cache for `max_batch` sequences of up to `max_seq` tokens.
 pub fn build_engine(
     model: &ResolvedModel,
     rp: &RankPlan,
     comms: RankComms,
     src: &dyn WeightSource,
+    rt: &Runtime,
     max_batch: usize,
     max_seq: usize,
-) -> yalis_engine::Result<Engine<CpuBackend>> {
+) -> yalis_engine::Result<Box<dyn RankEngine>> {
+    if rt.device == "cuda" {
+        return build_cuda(model, rp, comms, src, rt, max_batch, max_seq);
+    }
     let b = CpuBackend::new(comms.tp, comms.pp);
+    Ok(Box::new(load(
+        b,
+        model,
+        rp,
+        comms.world,
+        src,
+        max_batch,
+        max_seq,
+        rt.cuda_graphs,
+    )?))
+}
+
+#[cfg(feature = "cuda")]
+fn build_cuda(
+    model: &ResolvedModel,
+    rp: &RankPlan,
+    comms: RankComms,
+    src: &dyn WeightSource,
+    rt: &Runtime,
+    max_batch: usize,
+    max_seq: usize,
+) -> yalis_engine::Result<Box<dyn RankEngine>> {
+    use yalis_cuda::backend::{arena_bytes, Capacity, CudaBackend};
+    let max_tokens = max_batch * max_seq;
+    let cap = Capacity {
+        max_tokens,
+        max_seqs: max_batch,
+        arena_bytes: arena_bytes(&model.config, rp, max_tokens, max_batch),
+    };
+    let b = CudaBackend::new(rp.rank, cap, rp.tp, rp.pp)?;
+    Ok(Box::new(load(
+        b,
+        model,
+        rp,
+        comms.world,
+        src,
+        max_batch,
+        max_seq,
+        rt.cuda_graphs,
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn build_cuda(
+    _: &ResolvedModel,
+    _: &RankPlan,
+    _: RankComms,
+    _: &dyn WeightSource,
+    _: &Runtime,
+    _: usize,
+    _: usize,
+) -> yalis_engine::Result<Box<dyn RankEngine>> {
+    Err(yalis_engine::Error::Invalid(
+        "this binary was built without the cuda feature".into(),
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load<B: Backend + 'static>(
+    b: B,
+    model: &ResolvedModel,
+    rp: &RankPlan,
+    world: Box<dyn yalis_comm::HostComm>,
+    src: &dyn WeightSource,
+    max_batch: usize,
+    max_seq: usize,
+    cuda_graphs: bool,
+) -> yalis_engine::Result<Engine<B>> {
     let bar = (rp.rank == 0).then(|| {
         let bar = ProgressBar::new(1).with_style(
             ProgressStyle::with_template("loading weights [{bar:30}] {pos}/{len} {msg}").expect("a valid template"),
@@ -120,7 +268,9 @@ pub fn build_engine(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    Engine::new(b, llama, comms.world, max_batch, max_seq)
+    let mut engine = Engine::new(b, llama, world, max_batch, max_seq)?;
+    engine.set_cuda_graphs(cuda_graphs);
+    Ok(engine)
 }
 
 /// Checks that sequences of `max_seq` tokens are within the model's positions.
@@ -166,9 +316,9 @@ pub fn banner(
     for r in &plan.ranks {
         let m = plan.memory(c, r.rank, mem);
         s += &format!(
-            "  rank {:>3} -> {} thread {:>3} on {}: stage {} layers {:>3}..{:<3} tp {} | weights {}, KV cache {} (bf16)\n",
+            "  rank {:>3} -> {} (thread {}) on {}: stage {} layers {:>3}..{:<3} tp {} | weights {}, KV cache {} (bf16)\n",
             r.rank,
-            rt.device,
+            rt.devices[r.rank],
             r.rank,
             yalis_core::report::hostname(),
             r.pp_stage,
@@ -199,7 +349,7 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
             "allreduce": rt.allreduce,
             "ranks": plan.ranks.iter().map(|r| json!({
                 "rank": r.rank, "pp_stage": r.pp_stage, "tp_rank": r.tp_rank,
-                "layers": [r.layers.start, r.layers.end], "device": rt.device,
+                "layers": [r.layers.start, r.layers.end], "device": rt.devices[r.rank],
                 "host": yalis_core::report::hostname(),
             })).collect::<Vec<_>>(),
         },

@@ -70,7 +70,7 @@ fn tokenizer(a: &GenerateArgs, model: &yalis_core::ResolvedModel) -> Result<Text
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = a.model.resolve()?;
-    let rt = a.model.runtime()?;
+    let rt = a.model.runtime(a.tp * a.pp)?;
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -96,6 +96,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         batch_size: prompts.len(),
         max_seq_len: max_seq,
     };
+    if let Some(cap) = rt.capacity {
+        plan.check_fits(&model.config, mem, cap)?;
+    }
     eprintln!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
 
     let opts = GenerateOptions {
@@ -106,7 +109,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let sampling_rank = (plan.pp - 1) * plan.tp;
     let outs = run_threads(&plan, a.model.timeout(), |rp, comms| {
-        let mut engine = build_engine(&model, rp, comms, src.as_ref(), prompts.len(), max_seq)?;
+        let mut engine = build_engine(&model, rp, comms, src.as_ref(), &rt, prompts.len(), max_seq)?;
         engine.generate(&prompts, &opts)
     })?;
     let g = outs.into_iter().nth(sampling_rank).expect("a result per rank");
