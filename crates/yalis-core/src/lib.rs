@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod perf;
 pub mod plan;
 pub mod report;
 pub mod rng;

@@ -368,6 +368,84 @@ impl CudaBackend {
             .map_err(|e| cuda_err("cuMemsetD8Async", e))
     }
 
+    /// An activation holding `data` (`[rows, cols]`, rounded to bf16 when `dtype` is Bf16).
+    pub fn from_host(&self, rows: usize, cols: usize, data: &[f32], dtype: DType) -> Result<CudaTensor> {
+        check("from_host", data.len() == rows * cols, || format!("{} values for [{rows}, {cols}]", data.len()))?;
+        let t = self.alloc_typed(rows, cols, dtype)?;
+        // SAFETY: `t` holds rows * cols elements of `dtype`; the copy is synchronised below.
+        let r = match dtype {
+            DType::F32 => unsafe { drv::memcpy_htod_async(t.ptr, data, self.stream.cu_stream()) },
+            DType::Bf16 => {
+                let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                let r = unsafe { drv::memcpy_htod_async(t.ptr, &v, self.stream.cu_stream()) };
+                self.sync()?;
+                r
+            }
+        };
+        r.map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))?;
+        self.sync()?;
+        Ok(t)
+    }
+
+    /// Times `f` (enqueued work) with CUDA events: the median of `iters` runs after `warmup`,
+    /// in milliseconds.
+    pub fn time_ms(&self, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let (a, b) = (
+                self.ctx.new_event(flags).map_err(|e| cuda_err("cuEventCreate", e))?,
+                self.ctx.new_event(flags).map_err(|e| cuda_err("cuEventCreate", e))?,
+            );
+            a.record(&self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
+            f()?;
+            b.record(&self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
+            b.synchronize().map_err(|e| cuda_err("cuEventSynchronize", e))?;
+            times.push(a.elapsed_ms(&b).map_err(|e| cuda_err("cuEventElapsedTime", e))? as f64);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
+    /// The two ceilings, measured on random data: device-to-device copy bandwidth (GB/s,
+    /// bytes read plus written, over `bytes` bytes) and a bf16 `n x n x n` cuBLAS GEMM (TFLOP/s).
+    pub fn measure_roofline(&self, bytes: usize, n: usize) -> Result<(f64, f64)> {
+        let random = |rows: usize, cols: usize, seed: u64| -> Result<CudaWeight> {
+            let w = self.new_weight(rows, cols, DType::Bf16)?;
+            let key = yalis_core::rng::stream_key(seed, 7);
+            launch!(self, "dummy_fill_bf16", (u32s((rows * cols).div_ceil(256 * 8).max(1)), 1, 1), (256, 1, 1), 0;
+                w.buf.ptr, rows as i32, cols as i32, cols as i64, 0i64, 0i64, key, 0.0f32, 1.0f32)?;
+            Ok(w)
+        };
+        let half = bytes / 2 / 2;
+        let (src, dst) = (random(1, half, 1)?, random(1, half, 2)?);
+        let copy_ms = self.time_ms(3, 20, || {
+            // SAFETY: both buffers hold `half` bf16 elements.
+            unsafe { drv::memcpy_dtod_async(dst.buf.ptr, src.buf.ptr, half * 2, self.stream.cu_stream()) }
+                .map_err(|e| cuda_err("cuMemcpyDtoDAsync", e))
+        })?;
+        let gbps = 2.0 * (half * 2) as f64 / (copy_ms * 1e-3) / 1e9;
+        drop((src, dst));
+        let (a, w) = (random(n, n, 3)?, random(n, n, 4)?);
+        let x = CudaTensor { ptr: a.buf.ptr, rows: n, cols: n, dtype: DType::Bf16, off: usize::MAX, arena: self.arena.clone() };
+        let _ = &a;
+        let out = self.alloc_typed_outside(n, n)?;
+        let gemm_ms = self.time_ms(3, 20, || self.gemm(&x, &w, &out.1))?;
+        let tflops = 2.0 * (n as f64).powi(3) / (gemm_ms * 1e-3) / 1e12;
+        Ok((gbps, tflops))
+    }
+
+    /// A bf16 `[rows, cols]` activation backed by its own allocation (for measurements larger
+    /// than the arena).
+    fn alloc_typed_outside(&self, rows: usize, cols: usize) -> Result<(CudaWeight, CudaTensor)> {
+        let w = self.new_weight(rows, cols, DType::Bf16)?;
+        let t = CudaTensor { ptr: w.buf.ptr, rows, cols, dtype: DType::Bf16, off: usize::MAX, arena: self.arena.clone() };
+        Ok((w, t))
+    }
+
     fn alloc_typed(&self, rows: usize, cols: usize, dtype: DType) -> Result<CudaTensor> {
         let bytes = rows * cols * dtype.size();
         let mut a = self.arena.borrow_mut();
@@ -410,6 +488,15 @@ impl CudaBackend {
             .synchronize()
             .map_err(|e| cuda_err("cuStreamSynchronize", e))?;
         Ok(out)
+    }
+
+    /// A weight's values (tests).
+    pub fn weight_to_host(&self, w: &CudaWeight) -> Result<Vec<f32>> {
+        let n = w.rows * w.cols;
+        Ok(match w.dtype {
+            DType::F32 => self.dtoh::<f32>(w.buf.ptr, n)?,
+            DType::Bf16 => self.dtoh::<u16>(w.buf.ptr, n)?.into_iter().map(|b| bf16::from_bits(b).to_f32()).collect(),
+        })
     }
 
     fn new_weight(&self, rows: usize, cols: usize, dtype: DType) -> Result<CudaWeight> {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
+use yalis_core::perf::{decode_bytes, prefill_flops};
 use yalis_core::plan::MemoryParams;
 use yalis_core::report::{append_jsonl, format_table, Summary};
 use yalis_core::rng::Rng;
@@ -116,6 +117,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 plan.check_fits(&model.config, mem, cap)?;
             }
             println!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
+            let roofline = crate::common::roofline(&rt)?;
+            if let Some(r) = &roofline {
+                println!(
+                    "roofline (measured now on GPU 0, random data): device-to-device copy {:.0} GB/s (read + write), bf16 GEMM 8192^3 {:.0} TFLOP/s\n",
+                    r.copy_gbps, r.gemm_tflops
+                );
+            }
             let per_rank = run_threads(&plan, a.model.timeout(), |rp, comms| {
                 let mut engine = build_engine(&model, rp, comms, src.as_ref(), &rt, max_batch, max_seq)?;
                 let mut all = Vec::new();
@@ -147,7 +155,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             // Ranks step in lockstep (every step ends with the token broadcast): rank 0 speaks.
             let results = per_rank.into_iter().next().unwrap();
             for (&(b, i, o), iters) in configs.iter().zip(results) {
-                report(&a, &model.name, &plan, &rt, (b, i, o), &iters)?;
+                report(&a, &model, &plan, &rt, roofline.as_ref(), (b, i, o), &iters)?;
             }
         }
     }
@@ -156,12 +164,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
 fn report(
     a: &BenchArgs,
-    model: &str,
+    resolved: &yalis_core::ResolvedModel,
     plan: &ParallelPlan,
     rt: &crate::common::Runtime,
+    roofline: Option<&crate::common::Roofline>,
     (b, i, o): (usize, usize, usize),
     iters: &[Iter],
 ) -> Result<()> {
+    let model = resolved.name.as_str();
     let latency: Vec<f64> = iters.iter().map(|it| ms(&it.total)).collect();
     let prefill = Summary::of(&iters.iter().map(|it| ms(&it.prefill)).collect::<Vec<_>>());
     let decode = Summary::of(
@@ -200,7 +210,29 @@ fn report(
             ]
         )
     );
-    println!("throughput: {out_tps:.1} output tokens/s, {total_tps:.1} tokens/s with the prompt\n");
+    println!("throughput: {out_tps:.1} output tokens/s, {total_tps:.1} tokens/s with the prompt");
+    // Rank 0's counts: what one step must read, what the prefill must compute.
+    let rank0 = &plan.ranks[0];
+    let step_bytes = decode_bytes(&resolved.config, rank0, b, i as f64 + o as f64 / 2.0, 2.0);
+    let flops = prefill_flops(&resolved.config, rank0, b, i);
+    let decode_gbps = step_bytes.total() / (decode.p50 * 1e-3) / 1e9;
+    let prefill_tflops = flops / (prefill.p50 * 1e-3) / 1e12;
+    let of = |x: f64, roof: Option<f64>| {
+        roof.map(|r| format!(" = {:.1}% of {r:.0}", 100.0 * x / r))
+            .unwrap_or_default()
+    };
+    println!(
+        "decode reads {:.3} GB/step on rank 0 (weights {:.3}, KV {:.3}): {decode_gbps:.1} GB/s at the median step{}",
+        step_bytes.total() / 1e9,
+        step_bytes.weights / 1e9,
+        step_bytes.kv_cache / 1e9,
+        of(decode_gbps, roofline.map(|r| r.copy_gbps))
+    );
+    println!(
+        "prefill does {:.3} TFLOP on rank 0: {prefill_tflops:.2} TFLOP/s at the median{}\n",
+        flops / 1e12,
+        of(prefill_tflops, roofline.map(|r| r.gemm_tflops))
+    );
     if let Some(path) = &a.output_json {
         let mut rec = provenance(plan, rt);
         rec["kind"] = json!("batch_latency");
@@ -213,6 +245,9 @@ fn report(
         rec["results"] = json!({
             "prefill_ms": prefill, "decode_step_ms": decode, "batch_latency_ms": lat,
             "output_tokens_per_s": out_tps, "tokens_per_s": total_tps, "batch_latencies_ms": latency,
+            "decode_bytes_per_step": step_bytes, "decode_gbps_p50": decode_gbps,
+            "prefill_flops": flops, "prefill_tflops_p50": prefill_tflops,
+            "roofline": roofline.map(|r| json!({"copy_gbps": r.copy_gbps, "gemm_tflops": r.gemm_tflops})),
         });
         append_jsonl(path, &rec).with_context(|| format!("appending to {}", path.display()))?;
     }

@@ -364,3 +364,35 @@ pub fn fmt_count(n: u64) -> String {
         n => n.to_string(),
     }
 }
+
+/// The device's two ceilings, measured in the run they are compared against.
+pub struct Roofline {
+    pub copy_gbps: f64,
+    pub gemm_tflops: f64,
+}
+
+/// Measures the roofline on GPU 0 for CUDA runs (None on the CPU).
+#[cfg(feature = "cuda")]
+pub fn roofline(rt: &Runtime) -> Result<Option<Roofline>> {
+    use yalis_cuda::backend::{Capacity, CudaBackend};
+    if rt.device != "cuda" {
+        return Ok(None);
+    }
+    let b = CudaBackend::new(
+        0,
+        Capacity {
+            max_tokens: 1,
+            max_seqs: 1,
+            arena_bytes: 1 << 20,
+        },
+        1,
+        1,
+    )?;
+    let (copy_gbps, gemm_tflops) = b.measure_roofline(4 << 30, 8192)?;
+    Ok(Some(Roofline { copy_gbps, gemm_tflops }))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn roofline(_: &Runtime) -> Result<Option<Roofline>> {
+    Ok(None)
+}
