@@ -25,7 +25,10 @@ pub fn decode_bytes(cfg: &ModelConfig, r: &RankPlan, batch: usize, context: f64,
         weights += h + (r.vocab_end - r.vocab_start) as f64 * h;
     }
     let kv = r.layers.len() as f64 * batch as f64 * context * 2.0 * (r.num_kv_heads_per_rank * r.head_dim) as f64;
-    DecodeBytes { weights: weights * dtype_bytes, kv_cache: kv * dtype_bytes }
+    DecodeBytes {
+        weights: weights * dtype_bytes,
+        kv_cache: kv * dtype_bytes,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
@@ -49,7 +52,11 @@ pub fn prefill_flops(cfg: &ModelConfig, r: &RankPlan, batch: usize, input_len: u
     let gemm = 2.0 * tokens * layers * layer_params(cfg, r);
     let pairs = batch as f64 * (input_len * (input_len + 1) / 2) as f64;
     let attn = layers * 4.0 * pairs * (r.num_heads_per_rank * r.head_dim) as f64;
-    let head = if r.is_last_stage() { 2.0 * batch as f64 * (r.vocab_per_rank * cfg.hidden_size) as f64 } else { 0.0 };
+    let head = if r.is_last_stage() {
+        2.0 * batch as f64 * (r.vocab_per_rank * cfg.hidden_size) as f64
+    } else {
+        0.0
+    };
     gemm + attn + head
 }
 
