@@ -370,7 +370,9 @@ impl CudaBackend {
 
     /// An activation holding `data` (`[rows, cols]`, rounded to bf16 when `dtype` is Bf16).
     pub fn from_host(&self, rows: usize, cols: usize, data: &[f32], dtype: DType) -> Result<CudaTensor> {
-        check("from_host", data.len() == rows * cols, || format!("{} values for [{rows}, {cols}]", data.len()))?;
+        check("from_host", data.len() == rows * cols, || {
+            format!("{} values for [{rows}, {cols}]", data.len())
+        })?;
         let t = self.alloc_typed(rows, cols, dtype)?;
         // SAFETY: `t` holds rows * cols elements of `dtype`; the copy is synchronised below.
         let r = match dtype {
@@ -430,7 +432,14 @@ impl CudaBackend {
         let gbps = 2.0 * (half * 2) as f64 / (copy_ms * 1e-3) / 1e9;
         drop((src, dst));
         let (a, w) = (random(n, n, 3)?, random(n, n, 4)?);
-        let x = CudaTensor { ptr: a.buf.ptr, rows: n, cols: n, dtype: DType::Bf16, off: usize::MAX, arena: self.arena.clone() };
+        let x = CudaTensor {
+            ptr: a.buf.ptr,
+            rows: n,
+            cols: n,
+            dtype: DType::Bf16,
+            off: usize::MAX,
+            arena: self.arena.clone(),
+        };
         let _ = &a;
         let out = self.alloc_typed_outside(n, n)?;
         let gemm_ms = self.time_ms(3, 20, || self.gemm(&x, &w, &out.1))?;
@@ -442,7 +451,14 @@ impl CudaBackend {
     /// than the arena).
     fn alloc_typed_outside(&self, rows: usize, cols: usize) -> Result<(CudaWeight, CudaTensor)> {
         let w = self.new_weight(rows, cols, DType::Bf16)?;
-        let t = CudaTensor { ptr: w.buf.ptr, rows, cols, dtype: DType::Bf16, off: usize::MAX, arena: self.arena.clone() };
+        let t = CudaTensor {
+            ptr: w.buf.ptr,
+            rows,
+            cols,
+            dtype: DType::Bf16,
+            off: usize::MAX,
+            arena: self.arena.clone(),
+        };
         Ok((w, t))
     }
 
@@ -495,7 +511,11 @@ impl CudaBackend {
         let n = w.rows * w.cols;
         Ok(match w.dtype {
             DType::F32 => self.dtoh::<f32>(w.buf.ptr, n)?,
-            DType::Bf16 => self.dtoh::<u16>(w.buf.ptr, n)?.into_iter().map(|b| bf16::from_bits(b).to_f32()).collect(),
+            DType::Bf16 => self
+                .dtoh::<u16>(w.buf.ptr, n)?
+                .into_iter()
+                .map(|b| bf16::from_bits(b).to_f32())
+                .collect(),
         })
     }
 

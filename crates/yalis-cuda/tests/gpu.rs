@@ -24,7 +24,11 @@ use yalis_engine::ranks::run_threads;
 use yalis_engine::{Engine, GenerateOptions, Llama};
 
 fn gpu() -> CudaBackend {
-    let cap = Capacity { max_tokens: 4096, max_seqs: 64, arena_bytes: 1 << 30 };
+    let cap = Capacity {
+        max_tokens: 4096,
+        max_seqs: 64,
+        arena_bytes: 1 << 30,
+    };
     CudaBackend::new(0, cap, 1, 1).expect("a GPU")
 }
 
@@ -37,11 +41,20 @@ fn cpu() -> CpuBackend {
 /// Random values of scale `scale`, rounded to bf16 (so both backends see the same inputs).
 fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = Rng::new(seed, 1234);
-    (0..n).map(|_| half::bf16::from_f32((r.next_f32() * 2.0 - 1.0) * scale).to_f32()).collect()
+    (0..n)
+        .map(|_| half::bf16::from_f32((r.next_f32() * 2.0 - 1.0) * scale).to_f32())
+        .collect()
 }
 
 fn both(g: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> (CudaTensor, CpuTensor) {
-    (g.from_host(rows, cols, data, DType::Bf16).unwrap(), CpuTensor { rows, cols, data: data.to_vec() })
+    (
+        g.from_host(rows, cols, data, DType::Bf16).unwrap(),
+        CpuTensor {
+            rows,
+            cols,
+            data: data.to_vec(),
+        },
+    )
 }
 
 fn out_pair(g: &CudaBackend, c: &CpuBackend, rows: usize, cols: usize, dtype: DType) -> (CudaTensor, CpuTensor) {
@@ -54,8 +67,16 @@ fn out_pair(g: &CudaBackend, c: &CpuBackend, rows: usize, cols: usize, dtype: DT
     (t, c.alloc(rows, cols).unwrap())
 }
 
-fn weight_pair(g: &CudaBackend, c: &CpuBackend, shape: &[usize], data: Vec<f32>) -> (yalis_cuda::backend::CudaWeight, yalis_engine::cpu::CpuWeight) {
-    let t = HostTensor { shape: shape.to_vec(), data: HostData::F32(data) };
+fn weight_pair(
+    g: &CudaBackend,
+    c: &CpuBackend,
+    shape: &[usize],
+    data: Vec<f32>,
+) -> (yalis_cuda::backend::CudaWeight, yalis_engine::cpu::CpuWeight) {
+    let t = HostTensor {
+        shape: shape.to_vec(),
+        data: HostData::F32(data),
+    };
     (g.upload(&t).unwrap(), c.upload(&t).unwrap())
 }
 
@@ -80,7 +101,12 @@ fn step(g: &CudaBackend, c: &CpuBackend, batch: &StepBatch, ids: &[u32]) {
     let n = batch.seqs.len();
     let keys: Vec<u64> = (0..n as u64).map(|i| stream_key(5, i)).collect();
     let counters: Vec<u64> = (0..n as u64).map(|i| i * 3).collect();
-    let inputs = StepInputs { batch, ids, sample_keys: &keys, sample_counters: &counters };
+    let inputs = StepInputs {
+        batch,
+        ids,
+        sample_keys: &keys,
+        sample_counters: &counters,
+    };
     g.begin_step(&inputs).unwrap();
     c.begin_step(&inputs).unwrap();
 }
@@ -124,14 +150,26 @@ fn elementwise_ops_match_the_cpu() {
 #[ignore = "needs an sm_90 GPU: scripts/gpu-check.sh"]
 fn matmul_matches_the_cpu_in_bf16_and_f32_out() {
     let (g, c) = (gpu(), cpu());
-    for (m, k, n) in [(1, 4096, 1027), (5, 333, 77), (64, 1024, 4096), (300, 72, 200), (3, 17, 9)] {
+    for (m, k, n) in [
+        (1, 4096, 1027),
+        (5, 333, 77),
+        (64, 1024, 4096),
+        (300, 72, 200),
+        (3, 17, 9),
+    ] {
         let (x, xc) = both(&g, m, k, &rand(m * k, (m * k) as u64, 1.0));
         let (w, wc) = weight_pair(&g, &c, &[n, k], rand(n * k, (n + k) as u64, 1.0 / (k as f32).sqrt()));
         for dtype in [DType::Bf16, DType::F32] {
             let (mut o, mut oc) = out_pair(&g, &c, m, n, dtype);
             g.matmul(&x, &w, &mut o).unwrap();
             c.matmul(&xc, &wc, &mut oc).unwrap();
-            assert_close(&g, &o, &oc, 4e-3, &format!("matmul [{m}, {k}] x [{n}, {k}]^T -> {dtype:?}"));
+            assert_close(
+                &g,
+                &o,
+                &oc,
+                4e-3,
+                &format!("matmul [{m}, {k}] x [{n}, {k}]^T -> {dtype:?}"),
+            );
         }
     }
 }
@@ -143,7 +181,18 @@ fn embedding_and_row_gather_match_the_cpu() {
     let (vocab, h, start) = (301, 97, 50);
     let (table, tc) = weight_pair(&g, &c, &[vocab, h], rand(vocab * h, 9, 1.0));
     let batch = StepBatch {
-        seqs: vec![SeqChunk { slot: 0, start_pos: 0, len: 7 }, SeqChunk { slot: 2, start_pos: 3, len: 4 }],
+        seqs: vec![
+            SeqChunk {
+                slot: 0,
+                start_pos: 0,
+                len: 7,
+            },
+            SeqChunk {
+                slot: 2,
+                start_pos: 3,
+                len: 4,
+            },
+        ],
     };
     let ids: Vec<u32> = vec![0, 49, 50, 51, 350, 351, 200, 999, 120, 77, 300];
     step(&g, &c, &batch, &ids);
@@ -164,9 +213,14 @@ fn embedding_and_row_gather_match_the_cpu() {
 #[test]
 #[ignore = "needs an sm_90 GPU: scripts/gpu-check.sh"]
 fn attention_prefill_and_decode_match_the_cpu() {
-    for (q_heads, kv_heads, head_dim, max_seq) in [(8, 2, 128, 300), (4, 4, 18, 64), (16, 1, 64, 1100), (6, 3, 96, 40)] {
+    for (q_heads, kv_heads, head_dim, max_seq) in [(8, 2, 128, 300), (4, 4, 18, 64), (16, 1, 64, 1100), (6, 3, 96, 40)]
+    {
         let (g, c) = (gpu(), cpu());
-        let l = QkvLayout { q_heads, kv_heads, head_dim };
+        let l = QkvLayout {
+            q_heads,
+            kv_heads,
+            head_dim,
+        };
         let cfg = {
             let mut m = ResolvedModel::resolve("tiny").unwrap().config;
             m.head_dim = head_dim;
@@ -175,7 +229,11 @@ fn attention_prefill_and_decode_match_the_cpu() {
         let inv = cfg.rope_inv_freq();
         let table = |f: fn(f64) -> f64| HostTensor {
             shape: vec![max_seq, head_dim / 2],
-            data: HostData::F32((0..max_seq).flat_map(|p| inv.iter().map(move |w| f(p as f64 * w) as f32)).collect()),
+            data: HostData::F32(
+                (0..max_seq)
+                    .flat_map(|p| inv.iter().map(move |w| f(p as f64 * w) as f32))
+                    .collect(),
+            ),
         };
         let (cos, sin) = (table(f64::cos), table(f64::sin));
         let (gcos, gsin) = (g.upload_table(&cos).unwrap(), g.upload_table(&sin).unwrap());
@@ -185,12 +243,28 @@ fn attention_prefill_and_decode_match_the_cpu() {
         let mut ck = c.alloc_kv_cache(slots, max_seq, kv_heads, head_dim).unwrap();
         let lens = [max_seq - 10, 1, 13, max_seq / 3];
         let prefill = StepBatch {
-            seqs: lens.iter().enumerate().map(|(i, &len)| SeqChunk { slot: [4, 0, 2, 1][i], start_pos: 0, len }).collect(),
+            seqs: lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| SeqChunk {
+                    slot: [4, 0, 2, 1][i],
+                    start_pos: 0,
+                    len,
+                })
+                .collect(),
         };
         let mut batches = vec![prefill];
         for d in 0..5 {
             batches.push(StepBatch {
-                seqs: lens.iter().enumerate().map(|(i, &len)| SeqChunk { slot: [4, 0, 2, 1][i], start_pos: len + d, len: 1 }).collect(),
+                seqs: lens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &len)| SeqChunk {
+                        slot: [4, 0, 2, 1][i],
+                        start_pos: len + d,
+                        len: 1,
+                    })
+                    .collect(),
             });
         }
         for (si, batch) in batches.iter().enumerate() {
@@ -210,7 +284,13 @@ fn attention_prefill_and_decode_match_the_cpu() {
             g.attention(&qkv, l, batch, &gk, &mut o).unwrap();
             c.attention(&qkvc, l, batch, &ck, &mut oc).unwrap();
             let kind = if si == 0 { "prefill" } else { "decode" };
-            assert_close(&g, &o, &oc, 1e-2, &format!("attention {kind} {l:?} max_seq {max_seq} step {si}"));
+            assert_close(
+                &g,
+                &o,
+                &oc,
+                1e-2,
+                &format!("attention {kind} {l:?} max_seq {max_seq} step {si}"),
+            );
         }
     }
 }
@@ -222,17 +302,43 @@ fn attention_prefill_and_decode_match_the_cpu() {
 fn sampling_matches_the_cpu_sampler() {
     let (g, c) = (gpu(), cpu());
     for (vocab, width, rows) in [(128256, 128256, 4), (333, 336, 17), (1000, 1000, 64)] {
-        let batch = StepBatch { seqs: (0..rows).map(|i| SeqChunk { slot: i, start_pos: 0, len: 1 }).collect() };
+        let batch = StepBatch {
+            seqs: (0..rows)
+                .map(|i| SeqChunk {
+                    slot: i,
+                    start_pos: 0,
+                    len: 1,
+                })
+                .collect(),
+        };
         let mut logits = rand(rows * width, vocab as u64, 6.0);
         logits[3] = f32::NAN; // never chosen
         let lg = g.from_host(rows, width, &logits, DType::F32).unwrap();
-        for (temperature, top_k, top_p) in [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 50, 1.0), (1.2, 0, 0.9), (0.8, 20, 0.95), (1.0, 1, 1.0)] {
-            let params = SamplingParams { temperature, top_k, top_p, seed: 11 };
+        for (temperature, top_k, top_p) in [
+            (0.0, 0, 1.0),
+            (1.0, 0, 1.0),
+            (0.7, 50, 1.0),
+            (1.2, 0, 0.9),
+            (0.8, 20, 0.95),
+            (1.0, 1, 1.0),
+        ] {
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed: 11,
+            };
             let mut mismatches = 0;
             for round in 0..8u64 {
                 let keys: Vec<u64> = (0..rows as u64).map(|i| stream_key(params.seed, i)).collect();
                 let counters: Vec<u64> = vec![round; rows];
-                g.begin_step(&StepInputs { batch: &batch, ids: &[], sample_keys: &keys, sample_counters: &counters }).unwrap();
+                g.begin_step(&StepInputs {
+                    batch: &batch,
+                    ids: &[],
+                    sample_keys: &keys,
+                    sample_counters: &counters,
+                })
+                .unwrap();
                 g.sample(&lg, vocab, &params).unwrap();
                 let got = g.sampled_tokens(rows).unwrap();
                 for r in 0..rows {
@@ -240,13 +346,20 @@ fn sampling_matches_the_cpu_sampler() {
                     let want = Sampler::with_rng(params, Rng::at(keys[r], counters[r])).sample(row);
                     if got[r] != want {
                         mismatches += 1;
-                        eprintln!("vocab {vocab} {params:?} row {r} round {round}: gpu {} cpu {want}", got[r]);
+                        eprintln!(
+                            "vocab {vocab} {params:?} row {r} round {round}: gpu {} cpu {want}",
+                            got[r]
+                        );
                     }
                 }
             }
             // A draw that lands within f32 rounding of a CDF boundary may differ; anything more
             // is a bug.
-            assert!(mismatches <= 1, "{mismatches} of {} draws differ for {params:?}", rows * 8);
+            assert!(
+                mismatches <= 1,
+                "{mismatches} of {} draws differ for {params:?}",
+                rows * 8
+            );
         }
         let _ = &c;
     }
@@ -257,33 +370,89 @@ fn sampling_matches_the_cpu_sampler() {
 fn weights_load_the_same_on_the_gpu() {
     let g = gpu();
     let dummy = DummyWeights::new(42);
-    let host_of = |src: &dyn WeightSource, name: &str, shape: &[usize], slice: Slice| src.load(name, shape, slice).unwrap().to_f32();
+    let host_of = |src: &dyn WeightSource, name: &str, shape: &[usize], slice: Slice| {
+        src.load(name, shape, slice).unwrap().to_f32()
+    };
     let cases: Vec<(&str, Vec<usize>, Slice)> = vec![
-        ("model.layers.0.self_attn.q_proj.weight", vec![96, 72], Slice::Rows(24..72)),
-        ("model.layers.0.mlp.down_proj.weight", vec![72, 200], Slice::Cols(50..150)),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            vec![96, 72],
+            Slice::Rows(24..72),
+        ),
+        (
+            "model.layers.0.mlp.down_proj.weight",
+            vec![72, 200],
+            Slice::Cols(50..150),
+        ),
         ("model.norm.weight", vec![72], Slice::Full),
         ("model.embed_tokens.weight", vec![333, 72], Slice::Rows(250..333)),
     ];
     for (name, shape, slice) in &cases {
-        let w = g.load_weight(&dummy, &[WeightPiece { name, shape: shape.clone(), slice: slice.clone() }], None).unwrap();
+        let w = g
+            .load_weight(
+                &dummy,
+                &[WeightPiece {
+                    name,
+                    shape: shape.clone(),
+                    slice: slice.clone(),
+                }],
+                None,
+            )
+            .unwrap();
         let got = g.weight_to_host(&w).unwrap();
-        assert_eq!(got, host_of(&dummy, name, shape, slice.clone()), "dummy {name} {slice:?} generated on the GPU");
+        assert_eq!(
+            got,
+            host_of(&dummy, name, shape, slice.clone()),
+            "dummy {name} {slice:?} generated on the GPU"
+        );
     }
     // Straight from the memory map (bf16 rows), and through the host (f32 file, columns).
     let dir = fixtures().join("gqa-llama3");
     let ck = Checkpoint::open(&dir).unwrap();
     let name = "model.layers.1.mlp.up_proj.weight";
-    assert!(ck.mapped_bf16(name, &[160, 64], &Slice::Rows(40..80)).unwrap().is_some());
-    let w = g.load_weight(&ck, &[WeightPiece { name, shape: vec![160, 64], slice: Slice::Rows(40..80) }], Some(48)).unwrap();
+    assert!(ck
+        .mapped_bf16(name, &[160, 64], &Slice::Rows(40..80))
+        .unwrap()
+        .is_some());
+    let w = g
+        .load_weight(
+            &ck,
+            &[WeightPiece {
+                name,
+                shape: vec![160, 64],
+                slice: Slice::Rows(40..80),
+            }],
+            Some(48),
+        )
+        .unwrap();
     let mut want = host_of(&ck, name, &[160, 64], Slice::Rows(40..80));
     want.extend(std::iter::repeat_n(0.0, 8 * 64));
-    assert_eq!(g.weight_to_host(&w).unwrap(), want, "mapped bf16 rows plus zero padding");
+    assert_eq!(
+        g.weight_to_host(&w).unwrap(),
+        want,
+        "mapped bf16 rows plus zero padding"
+    );
     let ck2 = Checkpoint::open(&fixtures().join("tied-odd")).unwrap();
-    let w = g.load_weight(&ck2, &[WeightPiece { name: "model.layers.0.mlp.down_proj.weight", shape: vec![72, 200], slice: Slice::Cols(50..100) }], None).unwrap();
-    let want: Vec<f32> = host_of(&ck2, "model.layers.0.mlp.down_proj.weight", &[72, 200], Slice::Cols(50..100))
-        .iter()
-        .map(|&x| half::bf16::from_f32(x).to_f32())
-        .collect();
+    let w = g
+        .load_weight(
+            &ck2,
+            &[WeightPiece {
+                name: "model.layers.0.mlp.down_proj.weight",
+                shape: vec![72, 200],
+                slice: Slice::Cols(50..100),
+            }],
+            None,
+        )
+        .unwrap();
+    let want: Vec<f32> = host_of(
+        &ck2,
+        "model.layers.0.mlp.down_proj.weight",
+        &[72, 200],
+        Slice::Cols(50..100),
+    )
+    .iter()
+    .map(|&x| half::bf16::from_f32(x).to_f32())
+    .collect();
     assert_eq!(g.weight_to_host(&w).unwrap(), want, "f32 columns rounded to bf16");
 }
 
@@ -302,7 +471,8 @@ const LOGIT_TOL: f32 = 0.25;
 
 fn run_fixture(name: &str, cuda_graphs: bool) -> Vec<Vec<u32>> {
     let dir = fixtures().join(name);
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let prompts: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
     let greedy: Vec<Vec<u32>> = serde_json::from_value(r["greedy_ids"].clone()).unwrap();
     let margins: Vec<Vec<f32>> = serde_json::from_value(r["top2_margins"].clone()).unwrap();
@@ -310,15 +480,28 @@ fn run_fixture(name: &str, cuda_graphs: bool) -> Vec<Vec<u32>> {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("logits").unwrap();
     let (steps, vocab) = (t.shape()[1], t.shape()[2]);
-    let reference: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let reference: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
 
     let model = ResolvedModel::resolve(dir.to_str().unwrap()).unwrap();
     let plan = ParallelPlan::new(&model.config, 1, 1).unwrap();
     let ck = Checkpoint::open(&dir).unwrap();
     let max_seq = 64;
-    let opts = GenerateOptions { max_new_tokens: steps, sampling: SamplingParams::greedy(), ignore_eos: true, keep_logits: !cuda_graphs };
+    let opts = GenerateOptions {
+        max_new_tokens: steps,
+        sampling: SamplingParams::greedy(),
+        ignore_eos: true,
+        keep_logits: !cuda_graphs,
+    };
     let out = run_threads(&plan, Duration::from_secs(120), |rp, comms| {
-        let cap = Capacity { max_tokens: prompts.len() * max_seq, max_seqs: prompts.len(), arena_bytes: arena_bytes(&model.config, rp, prompts.len() * max_seq, prompts.len()) };
+        let cap = Capacity {
+            max_tokens: prompts.len() * max_seq,
+            max_seqs: prompts.len(),
+            arena_bytes: arena_bytes(&model.config, rp, prompts.len() * max_seq, prompts.len()),
+        };
         let b = CudaBackend::new(0, cap, 1, 1)?;
         let llama = Llama::load(&b, &model.config, rp, &ck, max_seq, &mut |_, _| {})?;
         let mut e = Engine::new(b, llama, comms.world, prompts.len(), max_seq)?;
@@ -339,14 +522,23 @@ fn run_fixture(name: &str, cuda_graphs: bool) -> Vec<Vec<u32>> {
                 }
             }
             if out.tokens[p][s] != greedy[p][s] {
-                assert!(margins[p][s] <= 2.0 * LOGIT_TOL, "{name} prompt {p} step {s}: token {} != reference {} with margin {}", out.tokens[p][s], greedy[p][s], margins[p][s]);
+                assert!(
+                    margins[p][s] <= 2.0 * LOGIT_TOL,
+                    "{name} prompt {p} step {s}: token {} != reference {} with margin {}",
+                    out.tokens[p][s],
+                    greedy[p][s],
+                    margins[p][s]
+                );
                 break;
             }
             compared += 1;
         }
     }
     eprintln!("{name} (graphs {cuda_graphs}): max |logit - reference| = {max_err:.3e}, {compared} tokens equal");
-    assert!(max_err <= LOGIT_TOL, "{name}: max |logit - reference| = {max_err} > {LOGIT_TOL}");
+    assert!(
+        max_err <= LOGIT_TOL,
+        "{name}: max |logit - reference| = {max_err} > {LOGIT_TOL}"
+    );
     out.tokens
 }
 
