@@ -14,4 +14,5 @@ for l in sys.stdin:
 mkdir -p .gpu
 cp target/release/yalis .gpu/yalis
 cp "$tests" .gpu/gpu-tests
+strip .gpu/yalis .gpu/gpu-tests  # line tables would double the size (64 MiB carry limit)
 ls -la .gpu

@@ -1,13 +1,18 @@
 //! Rank bootstrap and host communicators.
 //!
 //! [`HostComm`] is the communicator seam for host memory: a few byte-level primitives that a
-//! transport implements (ranks as threads here; processes over TCP or MPI next), and the typed
-//! collectives the engine uses, built on them. Every wait has a timeout, and a failing rank
-//! aborts the whole job, so no rank ever hangs silently.
+//! transport implements (ranks as threads in `local`, ranks as processes over TCP in `tcp`),
+//! and the typed collectives the engine uses, built on them. Every wait has a timeout, and a
+//! failing rank aborts the whole job, so no rank ever hangs silently. `bootstrap` finds this
+//! process's rank (Slurm, Open MPI, torchrun-style variables, the CLI) and runs the rendezvous.
 
+pub mod bootstrap;
 mod local;
+mod tcp;
 
+pub use bootstrap::{rendezvous, Bootstrap, Explicit, Launcher, Peer, Rendezvous};
 pub use local::{local_job, JobAbort, LocalComm};
+pub use tcp::{TcpComm, TcpMesh};
 
 use std::time::Duration;
 
@@ -26,6 +31,9 @@ pub enum CommError {
     },
     #[error("rank {rank}: {msg}")]
     Invalid { rank: usize, msg: String },
+    /// Finding this rank, the rendezvous or the connections; the message names rank and host.
+    #[error("{0}")]
+    Bootstrap(String),
 }
 
 pub type Result<T> = std::result::Result<T, CommError>;

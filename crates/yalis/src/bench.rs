@@ -13,10 +13,10 @@ use yalis_core::report::{append_jsonl, format_table, Summary};
 use yalis_core::rng::Rng;
 use yalis_core::sampling::SamplingParams;
 use yalis_core::ParallelPlan;
-use yalis_engine::ranks::run_threads;
 use yalis_engine::GenerateOptions;
 
 use crate::common::{banner, build_engine, check_seq_len, provenance, ModelArgs};
+use crate::launch::Launch;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -103,11 +103,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let max_batch = *a.batch_size.iter().max().unwrap();
     let max_seq = configs.iter().map(|&(_, i, o)| i + o).max().unwrap();
     check_seq_len(&model, max_seq)?;
+    let stage_layouts = |&pp: &usize| a.tp.iter().map(move |&tp| (tp, pp));
+    let layouts: Vec<(usize, usize)> = a.pp.iter().flat_map(stage_layouts).collect();
+    let launch = Launch::new(&a.model, &layouts)?;
 
     for &pp in &a.pp {
         for &tp in &a.tp {
+            if !launch.runs(tp, pp) {
+                continue;
+            }
             let plan = ParallelPlan::new(&model.config, tp, pp).with_context(|| format!("--tp {tp} --pp {pp}"))?;
-            let rt = a.model.runtime(plan.world_size())?;
+            let mut rt = a.model.runtime(plan.world_size())?;
+            launch.locate(&mut rt, &plan);
+            let prints = launch.prints(plan.world_size());
             let mem = MemoryParams {
                 dtype_bytes: 2,
                 batch_size: max_batch,
@@ -116,15 +124,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if let Some(cap) = rt.capacity {
                 plan.check_fits(&model.config, mem, cap)?;
             }
-            println!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
-            let roofline = crate::common::roofline(&rt)?;
+            if prints {
+                println!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
+            }
+            let roofline = if prints { crate::common::roofline(&rt)? } else { None };
             if let Some(r) = &roofline {
                 println!(
                     "roofline (measured now on GPU 0, random data): device-to-device copy {:.0} GB/s (read + write), bf16 GEMM 8192^3 {:.0} TFLOP/s\n",
                     r.copy_gbps, r.gemm_tflops
                 );
             }
-            let per_rank = run_threads(&plan, a.model.timeout(), |rp, comms| {
+            let mut per_rank = launch.run(&plan, |rp, comms| {
                 let mut engine = build_engine(&model, rp, comms, src.as_ref(), &rt, max_batch, max_seq)?;
                 let mut all = Vec::new();
                 for &(b, i, o) in &configs {
@@ -152,10 +162,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 }
                 Ok(all)
             })?;
-            // Ranks step in lockstep (every step ends with the token broadcast): rank 0 speaks.
-            let results = per_rank.into_iter().next().unwrap();
-            for (&(b, i, o), iters) in configs.iter().zip(results) {
-                report(&a, &model, &plan, &rt, roofline.as_ref(), (b, i, o), &iters)?;
+            // Ranks step in lockstep (every step ends with the token broadcast): rank 0 speaks,
+            // from the process that ran it.
+            if let Some(results) = per_rank.take(0) {
+                for (&(b, i, o), iters) in configs.iter().zip(results) {
+                    report(&a, &model, &plan, &rt, roofline.as_ref(), (b, i, o), &iters)?;
+                }
             }
         }
     }

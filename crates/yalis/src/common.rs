@@ -13,6 +13,8 @@ use yalis_core::weights::{Checkpoint, DummyWeights, WeightSource};
 use yalis_core::{ParallelPlan, RankPlan, ResolvedModel};
 use yalis_engine::{Backend, CpuBackend, Engine, GenerateOptions, Generation, Llama};
 
+use crate::launch::RanksMode;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Device {
     Cpu,
@@ -50,6 +52,26 @@ pub struct ModelArgs {
     /// Capture each decode step as one CUDA graph per batch size and replay it.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub cuda_graphs: OnOff,
+    /// How the ranks run when no launcher (srun, mpirun, RANK/WORLD_SIZE) started this process:
+    /// one child process per rank, or threads of this process.
+    #[arg(long, value_enum, default_value_t = RanksMode::Processes)]
+    pub ranks: RanksMode,
+    /// This process's rank, for a job started by hand (with --world-size, --master-addr,
+    /// --master-port); srun, mpirun and RANK/WORLD_SIZE say it otherwise.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// The job's number of processes (TP x PP), with --rank.
+    #[arg(long)]
+    pub world_size: Option<usize>,
+    /// This process's rank on its node (default: LOCAL_RANK, else --rank).
+    #[arg(long)]
+    pub local_rank: Option<usize>,
+    /// Rank 0's host for the rendezvous (default: MASTER_ADDR, or Slurm's first node).
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// Rank 0's rendezvous port (default: MASTER_PORT, or one derived from the Slurm job id).
+    #[arg(long)]
+    pub master_port: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -87,6 +109,8 @@ pub struct Runtime {
     /// Free memory of the smallest device, for the planner's fit check.
     pub capacity: Option<u64>,
     pub cuda_graphs: bool,
+    /// Per rank: (process, host), e.g. ("thread 3", "nid001") or ("pid 1234", "nid002").
+    pub places: Vec<(String, String)>,
 }
 
 /// What a rank's engine offers the subcommands, whatever its backend.
@@ -160,6 +184,9 @@ impl ModelArgs {
             devices,
             capacity,
             cuda_graphs: self.cuda_graphs == OnOff::On,
+            places: (0..world)
+                .map(|r| (format!("thread {r}"), yalis_core::report::hostname()))
+                .collect(),
         })
     }
 
@@ -316,11 +343,11 @@ pub fn banner(
     for r in &plan.ranks {
         let m = plan.memory(c, r.rank, mem);
         s += &format!(
-            "  rank {:>3} -> {} (thread {}) on {}: stage {} layers {:>3}..{:<3} tp {} | weights {}, KV cache {} (bf16)\n",
+            "  rank {:>3} -> {} ({}) on {}: stage {} layers {:>3}..{:<3} tp {} | weights {}, KV cache {} (bf16)\n",
             r.rank,
             rt.devices[r.rank],
-            r.rank,
-            yalis_core::report::hostname(),
+            rt.places[r.rank].0,
+            rt.places[r.rank].1,
             r.pp_stage,
             r.layers.start,
             r.layers.end,
@@ -350,7 +377,7 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
             "ranks": plan.ranks.iter().map(|r| json!({
                 "rank": r.rank, "pp_stage": r.pp_stage, "tp_rank": r.tp_rank,
                 "layers": [r.layers.start, r.layers.end], "device": rt.devices[r.rank],
-                "host": yalis_core::report::hostname(),
+                "process": rt.places[r.rank].0, "host": rt.places[r.rank].1,
             })).collect::<Vec<_>>(),
         },
     })

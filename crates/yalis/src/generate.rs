@@ -10,10 +10,10 @@ use yalis_core::report::append_jsonl;
 use yalis_core::sampling::SamplingParams;
 use yalis_core::tokenizer::TextTokenizer;
 use yalis_core::ParallelPlan;
-use yalis_engine::ranks::run_threads;
 use yalis_engine::GenerateOptions;
 
 use crate::common::{banner, build_engine, check_seq_len, provenance, ModelArgs};
+use crate::launch::Launch;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -52,17 +52,19 @@ pub struct GenerateArgs {
     pub logits_out: Option<PathBuf>,
 }
 
-fn tokenizer(a: &GenerateArgs, model: &yalis_core::ResolvedModel) -> Result<TextTokenizer> {
+fn tokenizer(a: &GenerateArgs, model: &yalis_core::ResolvedModel, note: bool) -> Result<TextTokenizer> {
     let bos = model.config.bos_token_id;
     match &model.dir {
         Some(dir) if dir.join("tokenizer.json").exists() => {
             Ok(TextTokenizer::from_file(&dir.join("tokenizer.json"), bos)?)
         }
         _ => {
-            eprintln!(
-                "note: {} has no tokenizer.json; using the built-in byte tokenizer",
-                a.model.model
-            );
+            if note {
+                eprintln!(
+                    "note: {} has no tokenizer.json; using the built-in byte tokenizer",
+                    a.model.model
+                );
+            }
             Ok(TextTokenizer::bytes(bos, model.config.eos_token_ids.first().copied()))
         }
     }
@@ -70,7 +72,7 @@ fn tokenizer(a: &GenerateArgs, model: &yalis_core::ResolvedModel) -> Result<Text
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = a.model.resolve()?;
-    let rt = a.model.runtime(a.tp * a.pp)?;
+    let mut rt = a.model.runtime(a.tp * a.pp)?;
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -81,7 +83,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let tok = tokenizer(&a, &model)?;
+    let launch = Launch::new(&a.model, &[(a.tp, a.pp)])?;
+    let prints = launch.prints(a.tp * a.pp);
+    let tok = tokenizer(&a, &model, prints)?;
     let prompts: Vec<Vec<u32>> = a
         .prompt
         .iter()
@@ -99,7 +103,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(cap) = rt.capacity {
         plan.check_fits(&model.config, mem, cap)?;
     }
-    eprintln!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
+    launch.locate(&mut rt, &plan);
+    if prints {
+        eprintln!("{}", banner(&model, &plan, &rt, src.as_ref(), mem));
+    }
 
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
@@ -108,12 +115,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         keep_logits: a.logits_out.is_some(),
     };
     let sampling_rank = (plan.pp - 1) * plan.tp;
-    let outs = run_threads(&plan, a.model.timeout(), |rp, comms| {
+    let outs = launch.run(&plan, |rp, comms| {
         let mut engine = build_engine(&model, rp, comms, src.as_ref(), &rt, prompts.len(), max_seq)?;
         engine.generate(&prompts, &opts)
     })?;
-    let g = outs.into_iter().nth(sampling_rank).expect("a result per rank");
-
+    // Every rank holds the broadcast tokens: rank 0 prints them; the logits exist only on the
+    // sampling rank, which writes them. A process holds none of them when its children ran the
+    // ranks.
+    if let (Some(path), Some(g)) = (&a.logits_out, outs.get(sampling_rank)) {
+        write_logits(path, &g.logits, a.max_new_tokens, model.config.vocab_size)?;
+    }
+    let Some(g) = outs.get(0) else {
+        return Ok(());
+    };
     for (i, (p, ids)) in a.prompt.iter().zip(&g.tokens).enumerate() {
         let text = tok.decode(ids)?;
         println!("[{i}] {p}{text}");
@@ -136,9 +150,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         g.decode_steps.len(),
         g.decode_steps.iter().map(|d| d.as_secs_f64() * 1e3).sum::<f64>() / g.decode_steps.len().max(1) as f64
     );
-    if let Some(path) = &a.logits_out {
-        write_logits(path, &g.logits, a.max_new_tokens, model.config.vocab_size)?;
-    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@ mod bench;
 mod common;
 mod generate;
 mod info;
+mod launch;
 mod plan;
 
 use clap::{Parser, Subcommand};
@@ -44,8 +45,7 @@ fn main() {
         Some(Command::Plan(a)) => plan::run(a),
         Some(Command::Info) => info::run(),
     };
-    if let Err(e) = result {
-        eprintln!("yalis: error: {e:#}");
-        std::process::exit(1);
+    if let Err(e) = result.and_then(|()| launch::finish()) {
+        launch::exit_with(e);
     }
 }
