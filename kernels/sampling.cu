@@ -4,32 +4,33 @@
 // Reference semantics, row = logits[s * ld .. s * ld + vocab), NaN logits dropped:
 //   temperature == 0: argmax (ties to the lowest id; all NaN: 0).
 //   order O = larger logit first (total order: -0 < +0), ties by lower id; w = logit / T.
-//   top-k (0 < k < count): keep the first k of O. p_i = exp(w_i - max).
+//   top-k (0 < k < number of non-NaN logits): keep the first k of O. p_i = exp(w_i - max).
 //   top-p (p < 1): keep the shortest prefix of O (within the top-k) whose cumulative p reaches
 //   top_p * total (at least one). Then u = uniform(keys[s], counters[s]) and the kept tokens are
 //   walked in id order: the first whose cumulative p exceeds u * (sum of kept p) is drawn.
 //   A max that is not finite (+inf logit, no finite logit) falls back to argmax.
 //
 // How, exactly: logits map to u32 keys whose order is the float order above (keys compare like
-// Rust's total_cmp; the CPU's f64 w = x / T keeps that order exactly). Probabilities are
-// p = exp2((x - max) * log2(e) / T) in f32, held as fixed-point integers m = round(p * 2^S) with
-// S = 63 - floor(log2(count)), so that every sum is a u64 whose value does not depend on the order
-// of additions: the kernel is deterministic and the CDF comparisons (cum >= target, cum > u * total)
-// are exact in that fixed point. It differs from the f64 CPU only where a cumulative sum lies within
-// f32 rounding of a threshold, and by never drawing tokens with p < 2^-(S+1) (about 1e-14; the
-// CPU draws them with that probability).
+// Rust's total_cmp; the CPU's f64 w = x / T keeps that order exactly). Probabilities are held as
+// fixed-point integers m = round(2^((x - max) * log2(e) / T + S)) (one ex2.approx, f32), with
+// S = 63 - floor(log2(vocab)) so that every sum fits a u64 and does not depend on the order of the
+// additions: the kernel is deterministic and its CDF comparisons (cum >= target, cum > u * total)
+// are exact in that fixed point. It differs from the f64 CPU only where a cumulative sum lies
+// within f32 rounding (~1e-6 relative) of a threshold, and by never drawing tokens with
+// p < 2^-(S+1) (~1e-14 for a 128K vocab; the CPU draws them with that probability).
 //   The kept set is always a prefix of O: all keys > tau plus the first e tokens (in id order)
 // whose key == tau. tau comes from a radix select over the keys (11-bit digits, a 2048-bin
-// histogram in shared memory per pass, at most 3 passes): counts for top-k, masses for top-p.
-// If fewer than all the ties at tau are kept, the id of the e-th tie is found by a counting
-// pass. The draw is a block-wide prefix scan in id order: per-warp segment sums, then a scan of the
-// one segment where the CDF crosses the target.
+// histogram of u64 weights in shared memory per pass, at most 3 passes, the third usually over a
+// list of the second pass's keys in shared memory): counts for top-k, masses for top-p. If fewer
+// than all the ties at tau are kept, the id of the e-th tie is found by a counting pass. The draw
+// is a block-wide prefix scan in id order: per-warp segment sums, then a scan of the one segment
+// where the CDF crosses the target.
 //
-// Cost per row (vocab V, each pass reads the row once, 4V bytes, from L2 after the first):
-//   greedy 1 pass; sampling without filters 2 passes; + up to 3 passes with top-k and up to 3 with
-//   top-p (fewer when the keys in play span fewer bits); + 1 when ties at the threshold are split.
-//   For V = 128256 that is 125 elements per thread per pass, 2 to 9 passes, plus a handful of
-//   block scans (~25 barriers each select).
+// Cost per row (V = vocab; each pass reads the row, 4V bytes, once; one block = one SM, so a pass
+// is bound by the SM's instruction issue, not by memory): greedy 1 pass; temperature only 2;
+// + 2 to 3 with top-k, + 2 to 3 with top-p, + 1 when the ties at the threshold are split.
+// Measured on an H200, V = 128256, one row or 64 rows alike (a block per row): greedy 7 us,
+// temperature only 23 us, top-k 50: 56 us, top-p 0.9: 95 us, top-k 50 + top-p 0.9: 79 us.
 
 #include <float.h>
 
@@ -306,7 +307,7 @@ __device__ int first_crossing(const float* row, int n, W weight, Tgt target_of, 
 // logits [S, ld] f32 (the first vocab columns are read); out_ids [S] u32; keys, counters [S] u64
 // (draw counters[s] of stream keys[s]; the host advances the counters). temperature == 0:
 // greedy; top_k <= 0: off; top_p >= 1 (or NaN): off.
-// grid (S), block (1024), no dynamic shared memory (about 17 KB static).
+// grid (S), block (1024), no dynamic shared memory (41 KB static).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens_f32(
     const float* logits, int ld, int vocab, unsigned int* out_ids, const unsigned long long* keys,
     const unsigned long long* counters, int S, float temperature, int top_k, float top_p) {

@@ -80,6 +80,9 @@ struct Arena {
 
 const ALIGN: usize = 256;
 
+/// Dynamic shared memory of the tensor-core prefill attention for head_dim 65..=128.
+const PREFILL_MMA_SMEM: u32 = 69_632;
+
 impl Arena {
     fn alloc(&mut self, bytes: usize) -> Option<usize> {
         let bytes = bytes.max(1).div_ceil(ALIGN) * ALIGN;
@@ -260,6 +263,9 @@ pub struct CudaBackend {
     graphs: RefCell<HashMap<u64, CudaGraph>>,
     tp_size: usize,
     pp_size: usize,
+    /// Prefill attention on tensor cores where head_dim allows (else the one-warp-per-query
+    /// kernel); tests switch it to check both.
+    prefill_mma: std::cell::Cell<bool>,
 }
 
 macro_rules! launch {
@@ -316,6 +322,15 @@ impl CudaBackend {
                 .map_err(|e| cuda_err("cublasSetWorkspace", e))?;
         }
         let k = Kernels::load()?;
+        // SAFETY: a function of a loaded module; the attribute only raises its shared-memory cap.
+        unsafe {
+            drv::function::set_function_attribute(
+                k.f["attn_prefill_mma_bf16"],
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                PREFILL_MMA_SMEM as i32,
+            )
+        }
+        .map_err(|e| cuda_err("cuFuncSetAttribute (prefill attention shared memory)", e))?;
         let arena_buf = DeviceBuf::new(&ctx, cap.arena_bytes)?;
         let arena = Arena {
             base: arena_buf.ptr,
@@ -349,7 +364,14 @@ impl CudaBackend {
             graphs: RefCell::default(),
             tp_size,
             pp_size,
+            prefill_mma: std::cell::Cell::new(true),
         })
+    }
+
+    /// Chooses the prefill attention kernel: tensor cores (default, where head_dim allows) or
+    /// one warp per query.
+    pub fn set_prefill_mma(&self, on: bool) {
+        self.prefill_mma.set(on);
     }
 
     pub fn device_name(&self) -> String {
@@ -910,6 +932,11 @@ impl Backend for CudaBackend {
                 split_len as i32, splits as i32, scale)?;
             launch!(self, "attn_decode_combine_bf16", (u32s(l.q_heads), u32s(s), 1), (128, 1, 1), 0;
                 out.ptr, part.ptr, lse.ptr, s as i32, l.q_heads as i32, l.head_dim as i32, splits as i32)
+        } else if self.prefill_mma.get() && l.head_dim % 16 == 0 && (16..=128).contains(&l.head_dim) {
+            let smem = if l.head_dim <= 64 { 36_864 } else { PREFILL_MMA_SMEM };
+            launch!(self, "attn_prefill_mma_bf16", (u32s(t.div_ceil(64)), u32s(l.q_heads), 1), (128, 1, 1), smem;
+                qkv.ptr, cache.k.ptr, cache.v.ptr, self.step.token_slot.ptr, self.step.positions.ptr, out.ptr,
+                t as i32, l.q_heads as i32, l.kv_heads as i32, l.head_dim as i32, cache.max_seq as i32, scale)
         } else {
             launch!(self, "attn_prefill_bf16", (u32s(t.div_ceil(4)), u32s(l.q_heads), 1), (128, 1, 1), 0;
                 qkv.ptr, cache.k.ptr, cache.v.ptr, self.step.token_slot.ptr, self.step.positions.ptr, out.ptr,

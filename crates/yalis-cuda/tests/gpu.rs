@@ -213,9 +213,16 @@ fn embedding_and_row_gather_match_the_cpu() {
 #[test]
 #[ignore = "needs an sm_90 GPU: scripts/gpu-check.sh"]
 fn attention_prefill_and_decode_match_the_cpu() {
-    for (q_heads, kv_heads, head_dim, max_seq) in [(8, 2, 128, 300), (4, 4, 18, 64), (16, 1, 64, 1100), (6, 3, 96, 40)]
-    {
+    let cases = [
+        (8, 2, 128, 300),
+        (4, 4, 18, 64),
+        (16, 1, 64, 1100),
+        (6, 3, 96, 40),
+        (32, 8, 128, 200),
+    ];
+    for ((q_heads, kv_heads, head_dim, max_seq), mma) in cases.into_iter().flat_map(|c| [(c, true), (c, false)]) {
         let (g, c) = (gpu(), cpu());
+        g.set_prefill_mma(mma);
         let l = QkvLayout {
             q_heads,
             kv_heads,
@@ -283,7 +290,11 @@ fn attention_prefill_and_decode_match_the_cpu() {
             let (mut o, mut oc) = out_pair(&g, &c, t, q_heads * head_dim, DType::Bf16);
             g.attention(&qkv, l, batch, &gk, &mut o).unwrap();
             c.attention(&qkvc, l, batch, &ck, &mut oc).unwrap();
-            let kind = if si == 0 { "prefill" } else { "decode" };
+            let kind = match (si, mma) {
+                (0, true) => "prefill (tensor cores where head_dim allows)",
+                (0, false) => "prefill (warp per query)",
+                _ => "decode",
+            };
             assert_close(
                 &g,
                 &o,
@@ -549,5 +560,76 @@ fn engine_matches_transformers_on_the_fixtures() {
         let eager = run_fixture(name, false);
         let graphed = run_fixture(name, true);
         assert_eq!(eager, graphed, "{name}: CUDA graphs change the tokens");
+    }
+}
+
+/// Not a check: the time of each decode op of Llama-3.1-8B at batch 1 and 8 (TP 1), against
+/// its bytes, to show where a decode step goes. Printed as a table.
+#[test]
+#[ignore = "needs an sm_90 GPU: scripts/gpu-check.sh"]
+fn decode_op_breakdown_llama8b() {
+    let g = gpu();
+    let (h, inter, vocab, q, kv, hd) = (4096usize, 14336usize, 128256usize, 32usize, 8usize, 128usize);
+    let dummy = DummyWeights::new(1);
+    let w = |name: &str, rows: usize, cols: usize| {
+        g.load_weight(
+            &dummy,
+            &[WeightPiece {
+                name,
+                shape: vec![rows, cols],
+                slice: Slice::Full,
+            }],
+            None,
+        )
+        .unwrap()
+    };
+    let wqkv = w("model.layers.0.self_attn.q_proj.weight", (q + 2 * kv) * hd, h);
+    let wo = w("model.layers.0.self_attn.o_proj.weight", h, q * hd);
+    let wgu = w("model.layers.0.mlp.gate_proj.weight", 2 * inter, h);
+    let wd = w("model.layers.0.mlp.down_proj.weight", h, inter);
+    let wlm = w("lm_head.weight", vocab, h);
+    let norm = w("model.norm.weight", 1, h);
+    println!("{:>26} {:>6} {:>10} {:>10}", "op", "batch", "us", "GB/s");
+    for m in [1usize, 8] {
+        let x = g.from_host(m, h, &rand(m * h, 1, 1.0), DType::Bf16).unwrap();
+        let xi = g.from_host(m, inter, &rand(m * inter, 2, 1.0), DType::Bf16).unwrap();
+        let xq = g.from_host(m, q * hd, &rand(m * q * hd, 3, 1.0), DType::Bf16).unwrap();
+        let gu = g
+            .from_host(m, 2 * inter, &rand(m * 2 * inter, 4, 1.0), DType::Bf16)
+            .unwrap();
+        let row = |name: &str, bytes: f64, f: &mut dyn FnMut() -> yalis_engine::Result<()>| {
+            let ms = g.time_ms(5, 50, || f()).unwrap();
+            println!(
+                "{name:>26} {m:>6} {:>10.1} {:>10.0}",
+                ms * 1e3,
+                bytes / (ms * 1e-3) / 1e9
+            );
+        };
+        let mut o_qkv = g.alloc(m, (q + 2 * kv) * hd).unwrap();
+        row("gemm qkv 6144x4096", 6144.0 * 4096.0 * 2.0, &mut || {
+            g.matmul(&x, &wqkv, &mut o_qkv)
+        });
+        let mut o_h = g.alloc(m, h).unwrap();
+        row("gemm o 4096x4096", 4096.0 * 4096.0 * 2.0, &mut || {
+            g.matmul(&xq, &wo, &mut o_h)
+        });
+        let mut o_gu = g.alloc(m, 2 * inter).unwrap();
+        row("gemm gate|up 28672x4096", 28672.0 * 4096.0 * 2.0, &mut || {
+            g.matmul(&x, &wgu, &mut o_gu)
+        });
+        row("gemm down 4096x14336", 4096.0 * 14336.0 * 2.0, &mut || {
+            g.matmul(&xi, &wd, &mut o_h)
+        });
+        let mut o_lm = g.alloc_f32(m, vocab).unwrap();
+        row("gemm lm head 128256x4096", 128256.0 * 4096.0 * 2.0, &mut || {
+            g.matmul(&x, &wlm, &mut o_lm)
+        });
+        let mut act = g.alloc(m, inter).unwrap();
+        row("silu_mul", (m * inter * 6) as f64, &mut || g.silu_mul(&gu, &mut act));
+        let mut res = g.from_host(m, h, &rand(m * h, 5, 1.0), DType::Bf16).unwrap();
+        let mut normed = g.alloc(m, h).unwrap();
+        row("add_rms_norm", (m * h * 8) as f64, &mut || {
+            g.add_rms_norm(&mut res, &x, &norm, 1e-5, &mut normed)
+        });
     }
 }
