@@ -200,6 +200,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "attn_decode_partial_bf16",
             "attn_decode_combine_bf16",
             "attn_prefill_bf16",
+            "attn_prefill_mma_bf16",
         ],
     ),
     ("sampling", &["sample_tokens_f32"]),
@@ -1080,4 +1081,51 @@ pub fn arena_bytes(cfg: &ModelConfig, plan: &RankPlan, max_tokens: usize, max_se
     let logits = max_seqs * plan.vocab_per_rank * plan.tp * 4 * 2;
     let partials = plan.num_heads_per_rank * (264 + 2 * max_seqs) * (plan.head_dim + 1) * 4;
     (live + live / 2 + logits + partials + (64 << 20)).div_ceil(ALIGN) * ALIGN
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every kernel the backend launches is in the load list and defined in kernels/ (so a
+    /// missing or misspelt name fails here, not on a GPU node).
+    #[test]
+    fn launched_kernels_are_loaded_and_defined() {
+        let src = include_str!("backend.rs");
+        let sources: String = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../kernels"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        let loaded: Vec<&str> = super::KERNELS
+            .iter()
+            .flat_map(|(_, names)| names.iter().copied())
+            .collect();
+        for pat in ["launch!(self, \"", "k.f[\""] {
+            for part in src.split(pat).skip(1) {
+                let name = &part[..part.find('"').unwrap()];
+                assert!(loaded.contains(&name), "kernel {name} is launched but not in KERNELS");
+            }
+        }
+        // The name before the first '(' after each `extern "C" __global__`, past any
+        // __launch_bounds__(...).
+        let defined: Vec<&str> = sources
+            .split("extern \"C\" __global__")
+            .skip(1)
+            .map(|rest| {
+                let rest = match rest.find("__launch_bounds__") {
+                    Some(i) if i < rest.find('(').unwrap() + 1 => &rest[i + rest[i..].find(')').unwrap() + 1..],
+                    _ => rest,
+                };
+                let head = &rest[..rest.find('(').unwrap()];
+                head.split_whitespace().last().unwrap_or("")
+            })
+            .collect();
+        for name in loaded {
+            let defined = defined.contains(&name);
+            assert!(
+                defined,
+                "kernel {name} is in KERNELS but no kernels/*.cu defines it as a __global__ function"
+            );
+        }
+    }
 }
