@@ -933,7 +933,7 @@ impl Backend for CudaBackend {
                 split_len as i32, splits as i32, scale)?;
             launch!(self, "attn_decode_combine_bf16", (u32s(l.q_heads), u32s(s), 1), (128, 1, 1), 0;
                 out.ptr, part.ptr, lse.ptr, s as i32, l.q_heads as i32, l.head_dim as i32, splits as i32)
-        } else if self.prefill_mma.get() && l.head_dim % 16 == 0 && (16..=128).contains(&l.head_dim) {
+        } else if self.prefill_mma.get() && l.head_dim.is_multiple_of(16) && (16..=128).contains(&l.head_dim) {
             let smem = if l.head_dim <= 64 { 36_864 } else { PREFILL_MMA_SMEM };
             launch!(self, "attn_prefill_mma_bf16", (u32s(t.div_ceil(64)), u32s(l.q_heads), 1), (128, 1, 1), smem;
                 qkv.ptr, cache.k.ptr, cache.v.ptr, self.step.token_slot.ptr, self.step.positions.ptr, out.ptr,
