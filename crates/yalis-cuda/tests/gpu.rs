@@ -598,7 +598,7 @@ fn decode_op_breakdown_llama8b() {
             .from_host(m, 2 * inter, &rand(m * 2 * inter, 4, 1.0), DType::Bf16)
             .unwrap();
         let row = |name: &str, bytes: f64, f: &mut dyn FnMut() -> yalis_engine::Result<()>| {
-            let ms = g.time_ms(5, 50, || f()).unwrap();
+            let ms = g.time_ms(5, 50, &mut *f).unwrap();
             println!(
                 "{name:>26} {m:>6} {:>10.1} {:>10.0}",
                 ms * 1e3,
