@@ -263,10 +263,11 @@ pub struct CudaBackend {
     last_rows: RefCell<Vec<usize>>,
     graphs: RefCell<HashMap<u64, CudaGraph>>,
     tp_size: usize,
-    pp_size: usize,
     /// Prefill attention on tensor cores where head_dim allows (else the one-warp-per-query
     /// kernel); tests switch it to check both.
     prefill_mma: std::cell::Cell<bool>,
+    /// NCCL groups and this rank's PP stage, for TP x PP > 1.
+    nccl: Option<(crate::nccl::NcclGroups, usize)>,
 }
 
 macro_rules! launch {
@@ -296,9 +297,9 @@ fn u32s(n: usize) -> u32 {
 }
 
 impl CudaBackend {
-    /// The backend of GPU `ordinal` (of those visible), for a TP group of `tp_size` and a PP
-    /// group of `pp_size` (both 1 until the NCCL communicator lands).
-    pub fn new(ordinal: usize, cap: Capacity, tp_size: usize, pp_size: usize) -> Result<Self> {
+    /// The backend of GPU `ordinal` (of those visible) for a TP group of `tp_size`; with TP x PP
+    /// > 1 it needs its NCCL groups (`set_nccl`) before the first collective.
+    pub fn new(ordinal: usize, cap: Capacity, tp_size: usize) -> Result<Self> {
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| Error::Invalid("cuda: libcuda.so could not be loaded (no NVIDIA driver here?)".into()))?
             .map_err(|e| cuda_err(&format!("opening GPU {ordinal}"), e))?;
@@ -364,8 +365,21 @@ impl CudaBackend {
             last_rows: RefCell::default(),
             graphs: RefCell::default(),
             tp_size,
-            pp_size,
             prefill_mma: std::cell::Cell::new(true),
+            nccl: None,
+        })
+    }
+
+    /// Hands the backend its NCCL communicators (TP x PP > 1); `pp_stage` is this rank's stage.
+    pub fn set_nccl(&mut self, groups: crate::nccl::NcclGroups, pp_stage: usize) {
+        self.nccl = Some((groups, pp_stage));
+    }
+
+    fn groups(&self, op: &str) -> Result<&(crate::nccl::NcclGroups, usize)> {
+        self.nccl.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "cuda backend: {op} with TP x PP > 1 needs the NCCL communicators"
+            ))
         })
     }
 
@@ -965,28 +979,72 @@ impl Backend for CudaBackend {
             out.ptr, x.ptr, self.step.last_rows.ptr, out.rows as i32, out.cols as i32)
     }
 
-    fn all_reduce(&self, _x: &mut CudaTensor) -> Result<()> {
-        check("all_reduce", self.tp_size == 1, || {
-            "TP > 1 on CUDA needs the NCCL communicator (not in this build yet)".into()
-        })
+    fn all_reduce(&self, x: &mut CudaTensor) -> Result<()> {
+        if self.tp_size == 1 {
+            return Ok(());
+        }
+        check("all_reduce", x.dtype == DType::Bf16, || format!("{:?} tensor", x.dtype))?;
+        self.groups("all_reduce")?
+            .0
+            .all_reduce_bf16(x.ptr, x.rows * x.cols, self.stream.cu_stream())
     }
 
-    fn all_gather_cols(&self, _x: &CudaTensor, _out: &mut CudaTensor) -> Result<()> {
-        check("all_gather_cols", false, || {
-            "TP > 1 on CUDA needs the NCCL communicator (not in this build yet)".into()
-        })
+    fn all_gather_cols(&self, x: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+        let tp = self.tp_size;
+        check(
+            "all_gather_cols",
+            x.dtype == DType::F32 && out.dtype == DType::F32 && out.rows == x.rows && out.cols == x.cols * tp,
+            || {
+                format!(
+                    "[{}, {}] {:?} from {tp} ranks into [{}, {}] {:?}",
+                    x.rows, x.cols, x.dtype, out.rows, out.cols, out.dtype
+                )
+            },
+        )?;
+        let n = x.rows * x.cols;
+        let parts = self.alloc_f32(tp, n)?;
+        self.groups("all_gather_cols")?
+            .0
+            .all_gather_f32(x.ptr, parts.ptr, n, self.stream.cu_stream())?;
+        // parts [tp][rows, cols] -> out [rows, tp * cols]: one strided copy per rank's part.
+        for r in 0..tp {
+            let copy = sys::CUDA_MEMCPY2D_st {
+                srcXInBytes: 0,
+                srcY: 0,
+                srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                srcHost: std::ptr::null(),
+                srcDevice: parts.ptr + (r * n * 4) as u64,
+                srcArray: std::ptr::null_mut(),
+                srcPitch: x.cols * 4,
+                dstXInBytes: 0,
+                dstY: 0,
+                dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                dstHost: std::ptr::null_mut(),
+                dstDevice: out.ptr + (r * x.cols * 4) as u64,
+                dstArray: std::ptr::null_mut(),
+                dstPitch: out.cols * 4,
+                WidthInBytes: x.cols * 4,
+                Height: x.rows,
+            };
+            // SAFETY: source and destination regions lie inside `parts` and `out`.
+            unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()) }
+                .result()
+                .map_err(|e| cuda_err("cuMemcpy2DAsync (gathering logits)", e))?;
+        }
+        Ok(())
     }
 
-    fn send_next(&self, _x: &CudaTensor) -> Result<()> {
-        check("send_next", self.pp_size == 1, || {
-            "PP > 1 on CUDA needs the NCCL communicator (not in this build yet)".into()
-        })
+    fn send_next(&self, x: &CudaTensor) -> Result<()> {
+        let (g, stage) = self.groups("send_next")?;
+        g.send_bf16(x.ptr, x.rows * x.cols, stage + 1, self.stream.cu_stream())
     }
 
-    fn recv_prev(&self, _x: &mut CudaTensor) -> Result<()> {
-        check("recv_prev", self.pp_size == 1, || {
-            "PP > 1 on CUDA needs the NCCL communicator (not in this build yet)".into()
-        })
+    fn recv_prev(&self, x: &mut CudaTensor) -> Result<()> {
+        let (g, stage) = self.groups("recv_prev")?;
+        let prev = stage
+            .checked_sub(1)
+            .ok_or_else(|| Error::Invalid("cuda backend: the first stage has no previous stage".into()))?;
+        g.recv_bf16(x.ptr, x.rows * x.cols, prev, self.stream.cu_stream())
     }
 
     fn begin_step(&self, inputs: &StepInputs) -> Result<()> {

@@ -4,5 +4,6 @@
 pub mod backend;
 pub mod info;
 pub mod kernels;
+pub mod nccl;
 
 pub use info::{devices, GpuInfo};

@@ -29,7 +29,7 @@ fn gpu() -> CudaBackend {
         max_seqs: 64,
         arena_bytes: 1 << 30,
     };
-    CudaBackend::new(0, cap, 1, 1).expect("a GPU")
+    CudaBackend::new(0, cap, 1).expect("a GPU")
 }
 
 fn cpu() -> CpuBackend {
@@ -513,7 +513,7 @@ fn run_fixture(name: &str, cuda_graphs: bool) -> Vec<Vec<u32>> {
             max_seqs: prompts.len(),
             arena_bytes: arena_bytes(&model.config, rp, prompts.len() * max_seq, prompts.len()),
         };
-        let b = CudaBackend::new(0, cap, 1, 1)?;
+        let b = CudaBackend::new(0, cap, 1)?;
         let llama = Llama::load(&b, &model.config, rp, &ck, max_seq, &mut |_, _| {})?;
         let mut e = Engine::new(b, llama, comms.world, prompts.len(), max_seq)?;
         e.set_cuda_graphs(cuda_graphs);

@@ -153,29 +153,25 @@ impl ModelArgs {
         };
         let allreduce = match (self.allreduce, device) {
             (AllReduce::Auto, "cpu") => "host (threads)",
-            (AllReduce::Auto, _) => "none (one rank)",
             (a, "cpu") => bail!(
                 "--allreduce {} needs --device cuda; on the CPU the ranks all-reduce through the host communicator (use --allreduce auto)",
                 a.to_possible_value().expect("no skipped variants").get_name()
             ),
-            (a, _) => bail!(
-                "--allreduce {}: the NCCL and NVRAR communicators are not in this build yet (use --allreduce auto)",
-                a.to_possible_value().expect("no skipped variants").get_name()
+            (AllReduce::Nvrar, _) => bail!(
+                "--allreduce nvrar: the NVRAR communicator is not in this build yet (use --allreduce nccl or auto)"
             ),
+            (_, _) if world == 1 => "none (one rank)",
+            (_, _) => "nccl",
         };
-        if device == "cuda" {
-            if world > 1 {
-                bail!("TP x PP = {world} ranks on CUDA needs the NCCL communicator, which is not in this build yet; run TP 1 x PP 1 on CUDA, or use --device cpu");
-            }
-            if gpus.len() < world {
-                bail!("{world} ranks need {world} GPUs; {} visible", gpus.len());
-            }
+        // Ranks as threads or self-started processes all sit on this node.
+        if device == "cuda" && crate::launch::local_rank().is_none() && gpus.len() < world {
+            bail!("{world} ranks need {world} GPUs on this node; {} visible", gpus.len());
         }
         let (devices, capacity) = match device {
             "cpu" => (vec!["cpu".to_string(); world], None),
             _ => (
-                gpus.iter().take(world).map(|(n, _)| n.clone()).collect(),
-                gpus.iter().take(world).map(|g| g.1).min(),
+                (0..world).map(|r| gpus[r % gpus.len()].0.clone()).collect(),
+                gpus.iter().map(|g| g.1).min(),
             ),
         };
         Ok(Runtime {
@@ -239,7 +235,27 @@ fn build_cuda(
         max_seqs: max_batch,
         arena_bytes: arena_bytes(&model.config, rp, max_tokens, max_batch),
     };
-    let b = CudaBackend::new(rp.rank, cap, rp.tp, rp.pp)?;
+    // Threads of this process take GPU `rank`; a rank process takes its local rank's GPU
+    // (CUDA_VISIBLE_DEVICES and one-GPU-per-task binding narrow what is visible).
+    let ordinal = crate::launch::local_rank().unwrap_or(rp.rank);
+    let visible = yalis_cuda::devices().len();
+    if ordinal >= visible {
+        return Err(yalis_engine::Error::Invalid(format!(
+            "rank {} wants GPU {ordinal} of this node but {visible} are visible; start at most {visible} ranks per node",
+            rp.rank
+        )));
+    }
+    let mut b = CudaBackend::new(ordinal, cap, rp.tp)?;
+    if rp.tp * rp.pp > 1 {
+        // Rank 0 makes the NCCL id; every rank gets it over the host communicator.
+        let id = if comms.world.rank() == 0 {
+            yalis_cuda::nccl::unique_id()?
+        } else {
+            Vec::new()
+        };
+        let id = comms.world.all_gather_bytes(&id)?.swap_remove(0);
+        b.set_nccl(yalis_cuda::nccl::NcclGroups::new(&id, rp)?, rp.pp_stage);
+    }
     Ok(Box::new(load(
         b,
         model,
@@ -412,7 +428,6 @@ pub fn roofline(rt: &Runtime) -> Result<Option<Roofline>> {
             max_seqs: 1,
             arena_bytes: 1 << 20,
         },
-        1,
         1,
     )?;
     let (copy_gbps, gemm_tflops) = b.measure_roofline(4 << 30, 8192)?;

@@ -53,6 +53,8 @@ const CHILD_GRACE: Duration = Duration::from_secs(2);
 struct Current {
     mesh: Arc<TcpMesh>,
     rank: usize,
+    /// Rank among this node's processes: the GPU it takes.
+    local_rank: usize,
     host: String,
 }
 
@@ -156,6 +158,7 @@ impl Launch {
         let _ = CURRENT.set(Current {
             mesh: mesh.clone(),
             rank: boot.rank,
+            local_rank: boot.local_rank,
             host: hostname(),
         });
         tracing::info!(rank = boot.rank, world = boot.world_size, launcher = ?boot.launcher, "joined the job");
@@ -271,6 +274,12 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .cloned()
         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "panic".into())
+}
+
+/// This process's rank among its node's processes, when a launcher (or yalis) started it as
+/// one rank; None when the ranks run as threads here.
+pub fn local_rank() -> Option<usize> {
+    CURRENT.get().map(|c| c.local_rank)
 }
 
 /// After a command succeeded: a rank says goodbye to its peers and waits for theirs, so no
