@@ -80,6 +80,10 @@ struct Arena {
 
 const ALIGN: usize = 256;
 
+/// The decode GEMV (kernels/gemv.cu): output rows per block of 256 threads, most rows of x.
+const GEMV_ROWS_PER_BLOCK: usize = 16;
+const GEMV_MAX_ROWS: usize = 8;
+
 /// Dynamic shared memory of the tensor-core prefill attention for head_dim 65..=128.
 const PREFILL_MMA_SMEM: u32 = 69_632;
 
@@ -204,6 +208,7 @@ const KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("sampling", &["sample_tokens_f32"]),
+    ("gemv", &["gemv_bf16", "gemv_silu_bf16"]),
 ];
 
 impl Kernels {
@@ -266,6 +271,7 @@ pub struct CudaBackend {
     /// Prefill attention on tensor cores where head_dim allows (else the one-warp-per-query
     /// kernel); tests switch it to check both.
     prefill_mma: std::cell::Cell<bool>,
+    gemv_on: std::cell::Cell<bool>,
     /// NCCL groups and this rank's PP stage, for TP x PP > 1.
     nccl: Option<(crate::nccl::NcclGroups, usize)>,
 }
@@ -366,6 +372,7 @@ impl CudaBackend {
             graphs: RefCell::default(),
             tp_size,
             prefill_mma: std::cell::Cell::new(true),
+            gemv_on: std::cell::Cell::new(true),
             nccl: None,
         })
     }
@@ -664,6 +671,28 @@ impl CudaBackend {
         .map_err(|e| cuda_err(&format!("cublasGemmEx [{m}, {k}] x [{n}, {k}]^T"), e))
     }
 
+    /// The decode GEMV beats cuBLAS for a few rows (see benches/NOTES.md).
+    fn use_gemv(&self, rows: usize, w: &CudaWeight) -> bool {
+        self.gemv_on.get() && rows <= GEMV_MAX_ROWS && w.cols.is_multiple_of(8)
+    }
+
+    /// `out = x w^T` (or `silu_mul(x) w^T` for "gemv_silu_bf16") for a few rows of x.
+    fn gemv(&self, name: &'static str, x: &CudaTensor, w: &CudaWeight, out: &CudaTensor) -> Result<()> {
+        let out_f32 = i32::from(out.dtype == DType::F32);
+        let grid = (u32s(w.rows.div_ceil(GEMV_ROWS_PER_BLOCK)), 1, 1);
+        match name {
+            "gemv_bf16" => launch!(self, "gemv_bf16", grid, (256, 1, 1), 0;
+                x.ptr, w.buf.ptr, out.ptr, x.rows as i32, w.rows as i32, w.cols as i32, out_f32),
+            _ => launch!(self, "gemv_silu_bf16", grid, (256, 1, 1), 0;
+                x.ptr, w.buf.ptr, out.ptr, x.rows as i32, w.rows as i32, w.cols as i32, out_f32),
+        }
+    }
+
+    /// Decode GEMV on (default) or cuBLAS for every GEMM; tests and benchmarks switch it.
+    pub fn set_gemv(&self, on: bool) {
+        self.gemv_on.set(on);
+    }
+
     fn decode_splits(&self, seqs: usize, kv_heads: usize, max_seq: usize) -> (usize, usize) {
         // Enough blocks to cover the SMs twice, splits of at least 64 positions; fixed for a
         // given batch size and cache, so a graph's grid never changes.
@@ -826,7 +855,29 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
+        if self.use_gemv(x.rows, w) {
+            return self.gemv("gemv_bf16", x, w, out);
+        }
         self.gemm(x, w, out)
+    }
+
+    fn silu_mul_matmul(&self, gate_up: &CudaTensor, w: &CudaWeight, out: &mut CudaTensor) -> Result<()> {
+        check(
+            "silu_mul_matmul",
+            gate_up.cols == 2 * w.cols && out.rows == gate_up.rows && out.cols == w.rows,
+            || {
+                format!(
+                    "[{}, {}] through w [{}, {}]^T into [{}, {}]",
+                    gate_up.rows, gate_up.cols, w.rows, w.cols, out.rows, out.cols
+                )
+            },
+        )?;
+        if self.use_gemv(gate_up.rows, w) {
+            return self.gemv("gemv_silu_bf16", gate_up, w, out);
+        }
+        let mut act = self.alloc(gate_up.rows, w.cols)?;
+        self.silu_mul(gate_up, &mut act)?;
+        self.matmul(&act, w, out)
     }
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32, out: &mut CudaTensor) -> Result<()> {

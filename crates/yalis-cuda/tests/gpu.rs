@@ -150,13 +150,19 @@ fn elementwise_ops_match_the_cpu() {
 #[ignore = "needs an sm_90 GPU: scripts/gpu-check.sh"]
 fn matmul_matches_the_cpu_in_bf16_and_f32_out() {
     let (g, c) = (gpu(), cpu());
-    for (m, k, n) in [
+    // Up to 8 rows with K % 8 == 0 take the decode GEMV, the rest cuBLAS.
+    let shapes = [
         (1, 4096, 1027),
         (5, 333, 77),
         (64, 1024, 4096),
         (300, 72, 200),
         (3, 17, 9),
-    ] {
+        (8, 14336, 4096),
+        (7, 1024, 333),
+        (2, 72, 200),
+        (9, 128, 64),
+    ];
+    for (m, k, n) in shapes {
         let (x, xc) = both(&g, m, k, &rand(m * k, (m * k) as u64, 1.0));
         let (w, wc) = weight_pair(&g, &c, &[n, k], rand(n * k, (n + k) as u64, 1.0 / (k as f32).sqrt()));
         for dtype in [DType::Bf16, DType::F32] {
@@ -171,6 +177,34 @@ fn matmul_matches_the_cpu_in_bf16_and_f32_out() {
                 &format!("matmul [{m}, {k}] x [{n}, {k}]^T -> {dtype:?}"),
             );
         }
+    }
+}
+
+#[test]
+#[ignore = "needs an sm_90 GPU: scripts/gpu-check.sh"]
+fn fused_silu_down_projection_matches_the_cpu() {
+    let (g, c) = (gpu(), cpu());
+    // (8, 1032, 4100) and (5, 14336, 4096) take the kernel's 32-rows-per-block path.
+    for (m, i, n) in [
+        (1, 14336, 4096),
+        (5, 200, 72),
+        (8, 1024, 333),
+        (20, 512, 96),
+        (8, 1032, 4100),
+        (5, 14336, 4096),
+    ] {
+        let (gu, guc) = both(&g, m, 2 * i, &rand(m * 2 * i, (m + i) as u64, 3.0));
+        let (w, wc) = weight_pair(&g, &c, &[n, i], rand(n * i, (n * i) as u64, 1.0 / (i as f32).sqrt()));
+        let (mut o, mut oc) = out_pair(&g, &c, m, n, DType::Bf16);
+        g.silu_mul_matmul(&gu, &w, &mut o).unwrap();
+        c.silu_mul_matmul(&guc, &wc, &mut oc).unwrap();
+        assert_close(
+            &g,
+            &o,
+            &oc,
+            4e-3,
+            &format!("silu_mul_matmul [{m}, 2x{i}] x [{n}, {i}]^T"),
+        );
     }
 }
 
@@ -590,7 +624,9 @@ fn decode_op_breakdown_llama8b() {
     let wlm = w("lm_head.weight", vocab, h);
     let norm = w("model.norm.weight", 1, h);
     println!("{:>26} {:>6} {:>10} {:>10}", "op", "batch", "us", "GB/s");
-    for m in [1usize, 8] {
+    for (m, gemv) in [(1usize, false), (1, true), (8, false), (8, true)] {
+        g.set_gemv(gemv);
+        println!("{}", if gemv { "decode GEMV" } else { "cuBLAS" });
         let x = g.from_host(m, h, &rand(m * h, 1, 1.0), DType::Bf16).unwrap();
         let xi = g.from_host(m, inter, &rand(m * inter, 2, 1.0), DType::Bf16).unwrap();
         let xq = g.from_host(m, q * hd, &rand(m * q * hd, 3, 1.0), DType::Bf16).unwrap();
@@ -626,6 +662,9 @@ fn decode_op_breakdown_llama8b() {
         });
         let mut act = g.alloc(m, inter).unwrap();
         row("silu_mul", (m * inter * 6) as f64, &mut || g.silu_mul(&gu, &mut act));
+        row("silu_mul + down", 4096.0 * 14336.0 * 2.0, &mut || {
+            g.silu_mul_matmul(&gu, &wd, &mut o_h)
+        });
         let mut res = g.from_host(m, h, &rand(m * h, 5, 1.0), DType::Bf16).unwrap();
         let mut normed = g.alloc(m, h).unwrap();
         row("add_rms_norm", (m * h * 8) as f64, &mut || {

@@ -174,6 +174,9 @@ pub trait Backend {
     ) -> Result<()>;
     /// `gate_up` is `[rows, 2 i]` (gate columns, then up); `out[r, j] = silu(gate) * up`.
     fn silu_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+    /// `out = silu_mul(gate_up) w^T`: the MLP's activation and down projection, which a
+    /// backend may fuse.
+    fn silu_mul_matmul(&self, gate_up: &Self::Tensor, w: &Self::Weight, out: &mut Self::Tensor) -> Result<()>;
     /// `out[i] = x[rows[i]]`.
     fn select_rows(&self, x: &Self::Tensor, rows: &[usize], out: &mut Self::Tensor) -> Result<()>;
 

@@ -425,6 +425,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn silu_mul_matmul(&self, gate_up: &CpuTensor, w: &CpuWeight, out: &mut CpuTensor) -> Result<()> {
+        let mut act = self.alloc(gate_up.rows, gate_up.cols / 2)?;
+        self.silu_mul(gate_up, &mut act)?;
+        self.matmul(&act, w, out)
+    }
+
     fn select_rows(&self, x: &CpuTensor, rows: &[usize], out: &mut CpuTensor) -> Result<()> {
         check(
             "select_rows",

@@ -63,6 +63,12 @@ impl<B: Backend> RowParallelLinear<B> {
         b.matmul(x, &self.weight, out)?;
         b.all_reduce(out)
     }
+
+    /// The same on `silu(gate) * up` of a fused gate|up activation (the MLP's down projection).
+    pub fn forward_silu(&self, b: &B, gate_up: &B::Tensor, out: &mut B::Tensor) -> Result<()> {
+        b.silu_mul_matmul(gate_up, &self.weight, out)?;
+        b.all_reduce(out)
+    }
 }
 
 /// Embedding rows split by vocab range; ids outside a rank's range give zeros there, and the

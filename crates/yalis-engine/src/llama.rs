@@ -74,10 +74,8 @@ impl<B: Backend> Mlp<B> {
     fn forward(&self, b: &B, x: &B::Tensor, rows: usize, hidden: usize) -> Result<B::Tensor> {
         let mut gate_up = b.alloc(rows, 2 * self.intermediate_per_rank)?;
         self.gate_up.forward(b, x, &mut gate_up)?;
-        let mut act = b.alloc(rows, self.intermediate_per_rank)?;
-        b.silu_mul(&gate_up, &mut act)?;
         let mut out = b.alloc(rows, hidden)?;
-        self.down.forward(b, &act, &mut out)?;
+        self.down.forward_silu(b, &gate_up, &mut out)?;
         Ok(out)
     }
 }
