@@ -20,11 +20,9 @@ __device__ __forceinline__ void rotate(float& x1, float& x2, float c, float s) {
 // qkv [T, (q_heads + 2 kv_heads) * head_dim] bf16; positions [T] i32;
 // cos_t, sin_t [max_pos, head_dim / 2] f32.
 // grid (T), block (128), no shared memory.
-extern "C" __global__ void __launch_bounds__(128) rope_bf16(bf16* qkv, const int* positions, const float* cos_t,
-                                                            const float* sin_t, int T, int q_heads, int kv_heads,
-                                                            int head_dim, int max_pos) {
-    const int t = blockIdx.x;
-    if (t >= T) return;
+// The rotation of token t's q and k heads, by the threads of one block.
+__device__ __forceinline__ void rope_row(bf16* qkv, const int* positions, const float* cos_t, const float* sin_t,
+                                         int t, int q_heads, int kv_heads, int head_dim, int max_pos) {
     const int pos = positions[t];
     if (pos < 0 || pos >= max_pos) return;
     const int half = head_dim >> 1;
@@ -66,6 +64,14 @@ extern "C" __global__ void __launch_bounds__(128) rope_bf16(bf16* qkv, const int
     }
 }
 
+extern "C" __global__ void __launch_bounds__(128) rope_bf16(bf16* qkv, const int* positions, const float* cos_t,
+                                                            const float* sin_t, int T, int q_heads, int kv_heads,
+                                                            int head_dim, int max_pos) {
+    const int t = blockIdx.x;
+    if (t >= T) return;
+    rope_row(qkv, positions, cos_t, sin_t, t, q_heads, kv_heads, head_dim, max_pos);
+}
+
 // Token t's k heads (qkv columns q_heads * hd .. (q_heads + kv_heads) * hd) and v heads (the
 // next kv_heads * hd columns) go to k_cache / v_cache at (token_slot[t], positions[t]). A token
 // whose slot is negative or whose position is outside [0, max_seq) writes nothing (the host checks
@@ -73,12 +79,9 @@ extern "C" __global__ void __launch_bounds__(128) rope_bf16(bf16* qkv, const int
 // qkv [T, (q_heads + 2 kv_heads) * hd] bf16; k_cache, v_cache [slots, max_seq, kv_heads, hd] bf16;
 // token_slot, positions [T] i32.
 // grid (T), block (128), no shared memory.
-extern "C" __global__ void __launch_bounds__(128) write_kv_bf16(const bf16* qkv, bf16* k_cache, bf16* v_cache,
-                                                                const int* token_slot, const int* positions,
-                                                                int T, int q_heads, int kv_heads, int head_dim,
-                                                                int max_seq) {
-    const int t = blockIdx.x;
-    if (t >= T) return;
+__device__ __forceinline__ void write_kv_row(const bf16* qkv, bf16* k_cache, bf16* v_cache, const int* token_slot,
+                                             const int* positions, int t, int q_heads, int kv_heads, int head_dim,
+                                             int max_seq) {
     const int slot = token_slot[t], pos = positions[t];
     if (slot < 0 || pos < 0 || pos >= max_seq) return;
     const long long kv_w = static_cast<long long>(kv_heads) * head_dim;
@@ -87,4 +90,29 @@ extern "C" __global__ void __launch_bounds__(128) write_kv_bf16(const bf16* qkv,
     const long long dst = (static_cast<long long>(slot) * max_seq + pos) * kv_w;
     block_copy_bf16(k_cache + dst, k, kv_w);
     block_copy_bf16(v_cache + dst, k + kv_w, kv_w);
+}
+
+extern "C" __global__ void __launch_bounds__(128) write_kv_bf16(const bf16* qkv, bf16* k_cache, bf16* v_cache,
+                                                                const int* token_slot, const int* positions,
+                                                                int T, int q_heads, int kv_heads, int head_dim,
+                                                                int max_seq) {
+    const int t = blockIdx.x;
+    if (t >= T) return;
+    write_kv_row(qkv, k_cache, v_cache, token_slot, positions, t, q_heads, kv_heads, head_dim, max_seq);
+}
+
+// rope_bf16 then write_kv_bf16 in one launch (decode runs both in every layer).
+// grid (T), block (128), no shared memory. The barrier makes the block's rotated k heads
+// visible to the threads that copy them into the cache.
+extern "C" __global__ void __launch_bounds__(128) rope_write_kv_bf16(bf16* qkv, const int* positions,
+                                                                     const float* cos_t, const float* sin_t,
+                                                                     bf16* k_cache, bf16* v_cache,
+                                                                     const int* token_slot, int T, int q_heads,
+                                                                     int kv_heads, int head_dim, int max_pos,
+                                                                     int max_seq) {
+    const int t = blockIdx.x;
+    if (t >= T) return;
+    rope_row(qkv, positions, cos_t, sin_t, t, q_heads, kv_heads, head_dim, max_pos);
+    __syncthreads();
+    write_kv_row(qkv, k_cache, v_cache, token_slot, positions, t, q_heads, kv_heads, head_dim, max_seq);
 }

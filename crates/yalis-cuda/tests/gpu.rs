@@ -313,13 +313,20 @@ fn attention_prefill_and_decode_match_the_cpu() {
             step(&g, &c, batch, &vec![0; t]);
             let data = rand(t * l.width(), 100 + si as u64, 2.0);
             let (mut qkv, mut qkvc) = both(&g, t, l.width(), &data);
-            g.rope(&mut qkv, l, batch, &gcos, &gsin).unwrap();
+            // The fused rope + KV write on one pass, the two kernels on the other.
+            if mma {
+                g.rope_write_kv(&mut qkv, l, batch, &gcos, &gsin, &mut gk).unwrap();
+            } else {
+                g.rope(&mut qkv, l, batch, &gcos, &gsin).unwrap();
+            }
             c.rope(&mut qkvc, l, batch, &ccos, &csin).unwrap();
-            assert_close(&g, &qkv, &qkvc, 4e-3, &format!("rope {l:?} step {si}"));
+            assert_close(&g, &qkv, &qkvc, 4e-3, &format!("rope {l:?} step {si} (fused: {mma})"));
             // Continue from identical bf16 values on both sides.
             let roped = g.to_host(&qkv).unwrap();
             qkvc.data = roped;
-            g.write_kv(&qkv, l, batch, &mut gk).unwrap();
+            if !mma {
+                g.write_kv(&qkv, l, batch, &mut gk).unwrap();
+            }
             c.write_kv(&qkvc, l, batch, &mut ck).unwrap();
             let (mut o, mut oc) = out_pair(&g, &c, t, q_heads * head_dim, DType::Bf16);
             g.attention(&qkv, l, batch, &gk, &mut o).unwrap();

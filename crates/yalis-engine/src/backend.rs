@@ -162,6 +162,19 @@ pub trait Backend {
         batch: &StepBatch,
         cache: &mut Self::KvCache,
     ) -> Result<()>;
+    /// `rope` then `write_kv`, which a backend may fuse.
+    fn rope_write_kv(
+        &self,
+        qkv: &mut Self::Tensor,
+        layout: QkvLayout,
+        batch: &StepBatch,
+        cos: &Self::Weight,
+        sin: &Self::Weight,
+        cache: &mut Self::KvCache,
+    ) -> Result<()> {
+        self.rope(qkv, layout, batch, cos, sin)?;
+        self.write_kv(qkv, layout, batch, cache)
+    }
     /// Causal attention of each new token over its sequence's cache up to its own position
     /// (the new tokens' K and V are already written). `out` is `[tokens, q_heads * head_dim]`.
     fn attention(

@@ -60,8 +60,7 @@ impl<B: Backend> Attention<B> {
         let l = self.layout;
         let mut qkv = b.alloc(t, l.width())?;
         self.qkv.forward(b, x, &mut qkv)?;
-        b.rope(&mut qkv, l, batch, rope.0, rope.1)?;
-        b.write_kv(&qkv, l, batch, cache)?;
+        b.rope_write_kv(&mut qkv, l, batch, rope.0, rope.1, cache)?;
         let mut attn = b.alloc(t, l.q_heads * l.head_dim)?;
         b.attention(&qkv, l, batch, cache, &mut attn)?;
         let mut out = b.alloc(t, hidden)?;
