@@ -14,6 +14,7 @@ nvidia-smi topo -m > "$out/topo.txt" 2>&1 || true
 layouts="1x1 2x1 1x2"
 [ "$gpus" -ge 4 ] && layouts="$layouts 4x1 2x2"
 for fx in gqa-llama3 tied-odd; do
+    [ "${FIXTURES:-1}" = 1 ] || break
     prompts=()
     while IFS= read -r p; do prompts+=(--prompt "$p"); done < <(python3 -c "import json;[print(p) for p in json.load(open('tests/fixtures/$fx/reference.json'))['prompts']]")
     for l in $layouts; do
@@ -22,7 +23,7 @@ for fx in gqa-llama3 tied-odd; do
             --device cuda --tp "$tp" --pp "$pp" --output-json "$out/$fx-$l.jsonl" >/dev/null 2>>"$out/multi.log"
     done
 done
-python3 - "$out" $layouts <<'PY'
+[ "${FIXTURES:-1}" = 1 ] && python3 - "$out" $layouts <<'PY'
 import json, sys
 out, layouts = sys.argv[1], sys.argv[2:]
 tol = 0.25  # the bf16 logit tolerance of crates/yalis-cuda/tests/gpu.rs
@@ -39,8 +40,10 @@ for fx in ["gqa-llama3", "tied-odd"]:
                 if g[s] != r[s]:
                     ok_ref = ok_ref and m[s] <= 2 * tol
                     break
+        # Another reduction order rounds bf16 differently, so a layout may flip a low-margin
+        # token against one GPU; what must hold is agreement with transformers (margin rule).
         print(f"{fx:11} TPxPP {l}: tokens {'==' if same else '!='} 1 GPU, {'agree' if ok_ref else 'DISAGREE'} with transformers")
-        bad += (not same) + (not ok_ref)
+        bad += not ok_ref
 sys.exit(1 if bad else 0)
 PY
 if [ "${BENCH:-0}" = 1 ] && [ "$gpus" -ge 4 ]; then
