@@ -10,7 +10,7 @@ pub mod bootstrap;
 mod local;
 mod tcp;
 
-pub use bootstrap::{rendezvous, Bootstrap, Explicit, Launcher, Peer, Rendezvous};
+pub use bootstrap::{hostname, rendezvous, Bootstrap, Explicit, Launcher, Peer, Rendezvous};
 pub use local::{local_job, JobAbort, LocalComm};
 pub use tcp::{TcpComm, TcpMesh};
 

@@ -17,7 +17,7 @@ pub fn run_threads<R: Send>(
     f: impl Fn(&RankPlan, RankComms) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
     let (comms, abort) = local_job(plan.tp, plan.pp, timeout);
-    let host = yalis_core::report::hostname();
+    let host = yalis_comm::hostname();
     let results: Vec<std::result::Result<R, (bool, Error)>> = std::thread::scope(|s| {
         let handles: Vec<_> = plan
             .ranks

@@ -181,7 +181,7 @@ impl ModelArgs {
             capacity,
             cuda_graphs: self.cuda_graphs == OnOff::On,
             places: (0..world)
-                .map(|r| (format!("thread {r}"), yalis_core::report::hostname()))
+                .map(|r| (format!("thread {r}"), yalis_comm::hostname()))
                 .collect(),
         })
     }
@@ -382,7 +382,7 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
         "git_rev": env!("YALIS_GIT_REV"),
         "features": if cfg!(feature = "cuda") { vec!["cuda"] } else { Vec::<&str>::new() },
         "versions": { "yalis": env!("CARGO_PKG_VERSION") },
-        "host": yalis_core::report::hostname(),
+        "host": yalis_comm::hostname(),
         "time": yalis_core::report::utc_now_rfc3339(),
         "layout": {
             "tp": plan.tp,

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 pub fn run() -> Result<()> {
     println!("yalis {} ({})", env!("CARGO_PKG_VERSION"), env!("YALIS_GIT_REV"));
-    println!("host: {}", yalis_core::report::hostname());
+    println!("host: {}", yalis_comm::hostname());
     println!("features: {}", if cfg!(feature = "cuda") { "cuda" } else { "(none)" });
     cuda();
     Ok(())

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
+use yalis_comm::hostname;
 use yalis_comm::{Bootstrap, Explicit, HostComm, Launcher, RankComms, TcpMesh};
-use yalis_core::report::hostname;
 use yalis_core::{ParallelPlan, RankPlan};
 use yalis_engine::ranks::run_threads;
 
