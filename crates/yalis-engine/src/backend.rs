@@ -210,6 +210,13 @@ pub trait Backend {
     /// The `n` tokens of the last `sample`, on the host (waits for them).
     fn sampled_tokens(&self, n: usize) -> Result<Vec<u32>>;
 
+    /// Microseconds per TP all-reduce of `elems` activations, timed as the decode step runs
+    /// them (back to back, in a graph where the backend has graphs); a collective: every TP rank
+    /// calls it. None where there is nothing to time (one rank, or no device timer).
+    fn time_all_reduce(&self, _elems: usize) -> Result<Option<f64>> {
+        Ok(None)
+    }
+
     /// CUDA graphs, keyed by the caller (one per decode batch size). `graph_begin` starts
     /// capturing and returns false when the backend has no graphs; `graph_launch` replays a
     /// captured graph and returns false when there is none for `key`.

@@ -144,6 +144,11 @@ impl<B: Backend> Engine<B> {
         Ok(next)
     }
 
+    /// Microseconds per TP all-reduce of `elems` activations (see `Backend::time_all_reduce`).
+    pub fn time_all_reduce(&self, elems: usize) -> Result<Option<f64>> {
+        self.backend.time_all_reduce(elems)
+    }
+
     /// CUDA graphs for decode steps (on by default; backends without graphs ignore it).
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.cuda_graphs = on;

@@ -48,6 +48,13 @@ pub struct BenchArgs {
     pub output_json: Option<PathBuf>,
 }
 
+/// What the run measured besides the iterations: the device's ceilings and the all-reduce.
+struct Measured<'a> {
+    roofline: Option<&'a crate::common::Roofline>,
+    /// Microseconds per TP all-reduce of the decode step's size (TP > 1 on GPUs).
+    all_reduce_us: Option<f64>,
+}
+
 /// One timed iteration.
 struct Iter {
     total: Duration,
@@ -158,15 +165,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
                             decode_steps: g.decode_steps,
                         });
                     }
-                    all.push(iters);
+                    // The decode step's all-reduce, timed alone on the same ranks: b rows of
+                    // the hidden state.
+                    let all_reduce_us = engine.time_all_reduce(b * model.config.hidden_size)?;
+                    all.push((iters, all_reduce_us));
                 }
                 Ok(all)
             })?;
             // Ranks step in lockstep (every step ends with the token broadcast): rank 0 speaks,
             // from the process that ran it.
             if let Some(results) = per_rank.take(0) {
-                for (&(b, i, o), iters) in configs.iter().zip(results) {
-                    report(&a, &model, &plan, &rt, roofline.as_ref(), (b, i, o), &iters)?;
+                for (&(b, i, o), (iters, all_reduce_us)) in configs.iter().zip(results) {
+                    let m = Measured {
+                        roofline: roofline.as_ref(),
+                        all_reduce_us,
+                    };
+                    report(&a, &model, &plan, &rt, &m, (b, i, o), &iters)?;
                 }
             }
         }
@@ -179,11 +193,12 @@ fn report(
     resolved: &yalis_core::ResolvedModel,
     plan: &ParallelPlan,
     rt: &crate::common::Runtime,
-    roofline: Option<&crate::common::Roofline>,
+    measured: &Measured,
     (b, i, o): (usize, usize, usize),
     iters: &[Iter],
 ) -> Result<()> {
     let model = resolved.name.as_str();
+    let roofline = measured.roofline;
     let latency: Vec<f64> = iters.iter().map(|it| ms(&it.total)).collect();
     let prefill = Summary::of(&iters.iter().map(|it| ms(&it.prefill)).collect::<Vec<_>>());
     let decode = Summary::of(
@@ -240,6 +255,24 @@ fn report(
         step_bytes.kv_cache / 1e9,
         of(decode_gbps, roofline.map(|r| r.copy_gbps))
     );
+    // Per decode step: two all-reduces per layer of the stage. The bound the step is held
+    // against: weights over the measured copy rate, plus those all-reduces.
+    let all_reduce = measured.all_reduce_us.map(|us| {
+        let per_step_ms = 2.0 * rank0.layers.len() as f64 * us / 1e3;
+        let bound_ms = roofline.map(|r| step_bytes.weights / (r.copy_gbps * 1e9) * 1e3 + per_step_ms);
+        (us, per_step_ms, bound_ms)
+    });
+    if let Some((us, per_step_ms, bound_ms)) = all_reduce {
+        println!(
+            "all-reduce of {} KiB (in a CUDA graph): {us:.1} us, x {} per step = {per_step_ms:.3} ms = {:.1}% of the median step{}",
+            b * resolved.config.hidden_size * 2 / 1024,
+            2 * rank0.layers.len(),
+            100.0 * per_step_ms / decode.p50,
+            bound_ms
+                .map(|bd| format!("; step / (weights at the copy rate + all-reduces) = {:.2}", decode.p50 / bd))
+                .unwrap_or_default()
+        );
+    }
     println!(
         "prefill does {:.3} TFLOP on rank 0: {prefill_tflops:.2} TFLOP/s at the median{}\n",
         flops / 1e12,
@@ -260,6 +293,10 @@ fn report(
             "decode_bytes_per_step": step_bytes, "decode_gbps_p50": decode_gbps,
             "prefill_flops": flops, "prefill_tflops_p50": prefill_tflops,
             "roofline": roofline.map(|r| json!({"copy_gbps": r.copy_gbps, "gemm_tflops": r.gemm_tflops})),
+            "all_reduce": all_reduce.map(|(us, per_step_ms, bound_ms)| json!({
+                "us_per_call": us, "ms_per_step": per_step_ms, "share_of_step": per_step_ms / decode.p50,
+                "bound_ms": bound_ms, "step_over_bound": bound_ms.map(|bd| decode.p50 / bd),
+            })),
         });
         append_jsonl(path, &rec).with_context(|| format!("appending to {}", path.display()))?;
     }

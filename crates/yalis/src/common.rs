@@ -116,11 +116,16 @@ pub struct Runtime {
 /// What a rank's engine offers the subcommands, whatever its backend.
 pub trait RankEngine {
     fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> yalis_engine::Result<Generation>;
+    fn time_all_reduce(&self, elems: usize) -> yalis_engine::Result<Option<f64>>;
 }
 
 impl<B: Backend> RankEngine for Engine<B> {
     fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> yalis_engine::Result<Generation> {
         Engine::generate(self, prompts, opts)
+    }
+
+    fn time_all_reduce(&self, elems: usize) -> yalis_engine::Result<Option<f64>> {
+        Engine::time_all_reduce(self, elems)
     }
 }
 
