@@ -5,7 +5,7 @@
 #     achieved GB/s against the device-to-device copy measured in the same run;
 #   - prefill of 1 x 2048 and 8 x 1024 tokens: TFLOP/s against an 8192^3 cuBLAS GEMM measured in
 #     the same run;
-#   - CUDA graphs on vs off.
+#   - CUDA graphs on vs off; programmatic dependent launch on vs off (YALIS_PDL=0).
 # Every run appends to $OUT/llama8b.jsonl (argv, revision, host, GPU, time with each record).
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -20,3 +20,4 @@ run --batch-size 1,8,32,64 --input-len 1024 --output-len 128 --num-iters-warmup 
 run --batch-size 1 --input-len 2048 --output-len 2 --num-iters-warmup 1 --num-iters 5
 run --batch-size 8 --input-len 1024 --output-len 2 --num-iters-warmup 1 --num-iters 5
 run --batch-size 1,8 --input-len 1024 --output-len 128 --num-iters-warmup 1 --num-iters 3 --cuda-graphs off
+YALIS_PDL=0 run --batch-size 1,8 --input-len 1024 --output-len 128 --num-iters-warmup 1 --num-iters 3

@@ -22,6 +22,9 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// Programmatic dependent launch (see kernels/common.cuh, which this file does not include).
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 typedef __nv_bfloat16 bf16;
 
 namespace {
@@ -415,6 +418,7 @@ attn_decode_partial_bf16(const bf16* __restrict__ qkv, const bf16* __restrict__ 
                          const int* __restrict__ seq_kv_len, float* __restrict__ part_out,
                          float* __restrict__ part_lse, int S, int q_heads, int kv_heads,
                          int head_dim, int max_seq, int split_len, int num_splits, float scale) {
+    pdl_wait();
     __shared__ __align__(16) bf16 q_s[kDecQElems];
     __shared__ __align__(16) float o_s[kDecOElems];
     __shared__ float m_s[kDecWarps * 16], l_s[kDecWarps * 16];
@@ -458,6 +462,7 @@ extern "C" __global__ void __launch_bounds__(128)
 attn_decode_combine_bf16(bf16* __restrict__ out, const float* __restrict__ part_out,
                          const float* __restrict__ part_lse, int S, int q_heads, int head_dim,
                          int num_splits) {
+    pdl_wait();
     constexpr int CH = 256;
     __shared__ float w_s[CH];
     __shared__ float red[4];
@@ -684,6 +689,7 @@ attn_prefill_bf16(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache
                   const bf16* __restrict__ v_cache, const int* __restrict__ token_slot,
                   const int* __restrict__ positions, bf16* __restrict__ out, int T, int q_heads,
                   int kv_heads, int head_dim, int max_seq, float scale) {
+    pdl_wait();
     const int t = blockIdx.x * 4 + (threadIdx.x >> 5);
     if (t >= T) return;
     const int h = blockIdx.y;
@@ -971,6 +977,7 @@ attn_prefill_mma_bf16(const bf16* __restrict__ qkv, const bf16* __restrict__ k_c
                       const bf16* __restrict__ v_cache, const int* __restrict__ token_slot,
                       const int* __restrict__ positions, bf16* __restrict__ out, int T,
                       int q_heads, int kv_heads, int head_dim, int max_seq, float scale) {
+    pdl_wait();
     extern __shared__ __align__(128) unsigned char dyn_smem[];
     __shared__ int s_slot[64], s_pos[64];
     const int hd = head_dim;

@@ -10,6 +10,11 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// Programmatic dependent launch: the host launches kernels with programmatic stream
+// serialization, so a kernel may start while the previous one drains; every kernel waits here
+// for its predecessor's results before reading anything it wrote. A no-op without the attribute.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 typedef __nv_bfloat16 bf16;
 typedef unsigned long long u64;
 

@@ -400,6 +400,7 @@ __device__ __forceinline__ void gemv_silu_body(const bf16* gate_up, const bf16* 
 // grid (ceil(N / GEMV_ROWS_PER_BLOCK)) = ceil(N / 16), block (256), no dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3)
     gemv_bf16(const bf16* x, const bf16* w, void* out, int M, int N, int K, int out_f32) {
+    pdl_wait();
     __shared__ float red[8 * Red<1>::WARP];
     const int n0 = blockIdx.x * GEMV_ROWS_PER_BLOCK;
     if (n0 >= N) return;  // block-uniform
@@ -425,6 +426,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3)
 // (when M >= 5 and N >= 4096 only the first ceil(N / 32) blocks work, 32 rows each).
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 2)
     gemv_silu_bf16(const bf16* gate_up, const bf16* w, void* out, int M, int N, int K, int out_f32) {
+    pdl_wait();
     __shared__ float red[GEMV_RED_FLOATS];
     __shared__ __align__(16) bf16 act[GEMV_WARPS * GEMV_ACT_WARP];
     if (static_cast<long long>(blockIdx.x) * GEMV_ROWS_PER_BLOCK >= N) return;  // block-uniform

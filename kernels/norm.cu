@@ -19,6 +19,7 @@
 extern "C" __global__ void __launch_bounds__(256) embedding_bf16(bf16* out, const unsigned int* ids,
                                                                  const bf16* table, int T, int H,
                                                                  int vocab_start, int rows) {
+    pdl_wait();
     const int t = blockIdx.x;
     if (t >= T) return;
     const long long local = static_cast<long long>(ids[t]) - static_cast<long long>(vocab_start);
@@ -129,6 +130,7 @@ __device__ __forceinline__ void rms_norm_row(bf16* res, const bf16* delta, const
 // grid (rows), block (256), no shared memory (128 bytes static for the reduction).
 extern "C" __global__ void __launch_bounds__(256) rms_norm_bf16(bf16* out, const bf16* x, const bf16* w,
                                                                 int rows, int H, float eps) {
+    pdl_wait();
     const int r = blockIdx.x;
     if (r >= rows) return;
     const long long off = static_cast<long long>(r) * H;
@@ -143,6 +145,7 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_bf16(bf16* out, const
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_bf16(bf16* residual, const bf16* delta,
                                                                     const bf16* w, bf16* out, int rows,
                                                                     int H, float eps) {
+    pdl_wait();
     const int r = blockIdx.x;
     if (r >= rows) return;
     const long long off = static_cast<long long>(r) * H;
@@ -153,6 +156,7 @@ extern "C" __global__ void __launch_bounds__(256) add_rms_norm_bf16(bf16* residu
 // acc, x [n] bf16.
 // grid (max(1, ceil(n / 2048))), block (256): 8 elements per thread per iteration.
 extern "C" __global__ void __launch_bounds__(256) add_bf16(bf16* acc, const bf16* x, long long n) {
+    pdl_wait();
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     long long start = 0;
@@ -179,6 +183,7 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f +
 // grid (rows), block (256), no shared memory.
 extern "C" __global__ void __launch_bounds__(256) silu_mul_bf16(bf16* out, const bf16* gate_up, int rows,
                                                                 int I) {
+    pdl_wait();
     const int r = blockIdx.x;
     if (r >= rows) return;
     const bf16* g = gate_up + static_cast<long long>(r) * 2 * I;
@@ -206,6 +211,7 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_bf16(bf16* out, const
 // grid (n), block (256), no shared memory.
 extern "C" __global__ void __launch_bounds__(256) gather_rows_bf16(bf16* out, const bf16* x, const int* rows,
                                                                    int n, int cols) {
+    pdl_wait();
     const int i = blockIdx.x;
     if (i >= n) return;
     block_copy_bf16(out + static_cast<long long>(i) * cols, x + static_cast<long long>(rows[i]) * cols, cols);
@@ -215,6 +221,7 @@ extern "C" __global__ void __launch_bounds__(256) gather_rows_bf16(bf16* out, co
 // out [n] bf16; in [n] f32.
 // grid (max(1, ceil(n / 2048))), block (256): 8 elements per thread per iteration.
 extern "C" __global__ void __launch_bounds__(256) f32_to_bf16(bf16* out, const float* in, long long n) {
+    pdl_wait();
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     long long start = 0;
@@ -241,6 +248,7 @@ extern "C" __global__ void __launch_bounds__(256) dummy_fill_bf16(bf16* out, int
                                                                   long long full_cols, long long row0,
                                                                   long long col0, unsigned long long key,
                                                                   float mean, float a) {
+    pdl_wait();
     const long long total = static_cast<long long>(out_rows) * out_cols;
     const long long nchunks = (total + 7) >> 3;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;

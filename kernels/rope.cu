@@ -67,6 +67,7 @@ __device__ __forceinline__ void rope_row(bf16* qkv, const int* positions, const 
 extern "C" __global__ void __launch_bounds__(128) rope_bf16(bf16* qkv, const int* positions, const float* cos_t,
                                                             const float* sin_t, int T, int q_heads, int kv_heads,
                                                             int head_dim, int max_pos) {
+    pdl_wait();
     const int t = blockIdx.x;
     if (t >= T) return;
     rope_row(qkv, positions, cos_t, sin_t, t, q_heads, kv_heads, head_dim, max_pos);
@@ -96,6 +97,7 @@ extern "C" __global__ void __launch_bounds__(128) write_kv_bf16(const bf16* qkv,
                                                                 const int* token_slot, const int* positions,
                                                                 int T, int q_heads, int kv_heads, int head_dim,
                                                                 int max_seq) {
+    pdl_wait();
     const int t = blockIdx.x;
     if (t >= T) return;
     write_kv_row(qkv, k_cache, v_cache, token_slot, positions, t, q_heads, kv_heads, head_dim, max_seq);
@@ -110,6 +112,7 @@ extern "C" __global__ void __launch_bounds__(128) rope_write_kv_bf16(bf16* qkv, 
                                                                      const int* token_slot, int T, int q_heads,
                                                                      int kv_heads, int head_dim, int max_pos,
                                                                      int max_seq) {
+    pdl_wait();
     const int t = blockIdx.x;
     if (t >= T) return;
     rope_row(qkv, positions, cos_t, sin_t, t, q_heads, kv_heads, head_dim, max_pos);

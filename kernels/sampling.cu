@@ -311,6 +311,7 @@ __device__ int first_crossing(const float* row, int n, W weight, Tgt target_of, 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens_f32(
     const float* logits, int ld, int vocab, unsigned int* out_ids, const unsigned long long* keys,
     const unsigned long long* counters, int S, float temperature, int top_k, float top_p) {
+    pdl_wait();
     __shared__ Hist hist;
     __shared__ unsigned list[SELECT_LIST];
     __shared__ SelectState sel_st;

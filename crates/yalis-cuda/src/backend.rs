@@ -272,6 +272,7 @@ pub struct CudaBackend {
     /// kernel); tests switch it to check both.
     prefill_mma: std::cell::Cell<bool>,
     gemv_on: std::cell::Cell<bool>,
+    pdl: std::cell::Cell<bool>,
     /// NCCL groups and this rank's PP stage, for TP x PP > 1.
     nccl: Option<(crate::nccl::NcclGroups, usize)>,
 }
@@ -284,17 +285,8 @@ macro_rules! launch {
         // SAFETY: the argument list matches the kernel's signature in kernels/ (types and
         // order), every pointer is a live device allocation of the documented size, and the
         // temporaries the pointers refer to live until the end of this statement.
-        unsafe {
-            drv::launch_kernel(
-                f,
-                grid,
-                block,
-                $smem,
-                $self.stream.cu_stream(),
-                &mut [$(&($arg) as *const _ as *mut c_void),*],
-            )
-        }
-        .map_err(|e| cuda_err(concat!("launching ", $name), e))
+        unsafe { $self.launch_raw(f, grid, block, $smem, &mut [$(&($arg) as *const _ as *mut c_void),*]) }
+            .map_err(|e| cuda_err(concat!("launching ", $name), e))
     }};
 }
 
@@ -373,8 +365,48 @@ impl CudaBackend {
             tp_size,
             prefill_mma: std::cell::Cell::new(true),
             gemv_on: std::cell::Cell::new(true),
+            pdl: std::cell::Cell::new(std::env::var_os("YALIS_PDL").is_none_or(|v| v != "0")),
             nccl: None,
         })
+    }
+
+    /// Launches `f` on the stream; with programmatic dependent launch on, the kernel may start
+    /// while the previous one drains (every kernel of kernels/ waits for its predecessor first).
+    ///
+    /// # Safety
+    /// `params` must match `f`'s parameters.
+    unsafe fn launch_raw(
+        &self,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> std::result::Result<(), DriverError> {
+        if !self.pdl.get() {
+            return drv::launch_kernel(f, grid, block, smem, self.stream.cu_stream(), params);
+        }
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()).result()
+    }
+
+    /// Programmatic dependent launch on (default) or off; benchmarks compare both.
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.set(on);
     }
 
     /// Hands the backend its NCCL communicators (TP x PP > 1); `pp_stage` is this rank's stage.
