@@ -394,30 +394,12 @@ __device__ __forceinline__ void gemv_silu_body(const bf16* gate_up, const bf16* 
 
 }  // namespace
 
-// Weights never depend on the previous kernel: before waiting for it (pdl_wait), pull the
-// warp's first step of weight tiles (the 16-row layout's rows, GEMV_UNROLL tiles) into L2, so the
-// GEMV's ramp-up overlaps the previous kernel's tail. Only a hint: it reads nothing.
-__device__ __forceinline__ void prefetch_first_tiles(const bf16* w, int n0, int N, int K, bool skip) {
-    if (skip || n0 >= N || (K & 7) != 0) return;
-    const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const WRows<1> wr = gemv_rows<1>(w, n0, N, K, g);
-#pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) {
-        const int k = (wi + 8 * u) * 32 + 8 * t;
-        if (k < K) {
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(wr.p[0] + k));
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(wr.p[1] + k));
-        }
-    }
-}
-
 // out[m, n] = sum_k x[m, k] * w[n, k]; f32 accumulation; out f32 [M, N] when out_f32 != 0, else
 // bf16 [M, N] (round to nearest even).
 // x [M, K] bf16, w [N, K] bf16, any M >= 0 (fast for M <= 8), N, K.
 // grid (ceil(N / GEMV_ROWS_PER_BLOCK)) = ceil(N / 16), block (256), no dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3)
     gemv_bf16(const bf16* x, const bf16* w, void* out, int M, int N, int K, int out_f32) {
-    prefetch_first_tiles(w, blockIdx.x * GEMV_ROWS_PER_BLOCK, N, K, !aligned16(w));
     pdl_wait();
     __shared__ float red[8 * Red<1>::WARP];
     const int n0 = blockIdx.x * GEMV_ROWS_PER_BLOCK;
@@ -444,8 +426,6 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3)
 // (when M >= 5 and N >= 4096 only the first ceil(N / 32) blocks work, 32 rows each).
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 2)
     gemv_silu_bf16(const bf16* gate_up, const bf16* w, void* out, int M, int N, int K, int out_f32) {
-    const bool wide = M >= GEMV_SILU_WIDE_M && N >= GEMV_SILU_WIDE_N;
-    prefetch_first_tiles(w, blockIdx.x * GEMV_ROWS_PER_BLOCK, N, K, wide || !aligned16(w));
     pdl_wait();
     __shared__ float red[GEMV_RED_FLOATS];
     __shared__ __align__(16) bf16 act[GEMV_WARPS * GEMV_ACT_WARP];
