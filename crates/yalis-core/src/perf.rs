@@ -22,7 +22,7 @@ pub fn decode_bytes(cfg: &ModelConfig, r: &RankPlan, batch: usize, context: f64,
         weights += batch as f64 * h;
     }
     if r.is_last_stage() {
-        weights += h + (r.vocab_end - r.vocab_start) as f64 * h;
+        weights += h + r.lm_head.len() as f64 * h;
     }
     let kv = r.layers.len() as f64 * batch as f64 * context * 2.0 * (r.num_kv_heads_per_rank * r.head_dim) as f64;
     DecodeBytes {
@@ -53,7 +53,7 @@ pub fn prefill_flops(cfg: &ModelConfig, r: &RankPlan, batch: usize, input_len: u
     let pairs = batch as f64 * (input_len * (input_len + 1) / 2) as f64;
     let attn = layers * 4.0 * pairs * (r.num_heads_per_rank * r.head_dim) as f64;
     let head = if r.is_last_stage() {
-        2.0 * batch as f64 * (r.vocab_per_rank * cfg.hidden_size) as f64
+        2.0 * batch as f64 * (r.lm_head_padded * cfg.hidden_size) as f64
     } else {
         0.0
     };

@@ -42,6 +42,12 @@ pub struct RankPlan {
     pub vocab_start: usize,
     pub vocab_end: usize,
     pub vocab_per_rank: usize,
+    /// LM-head rows this rank holds (last stage): its vocab shard, or every row when the head
+    /// is replicated; padded with zero rows to `lm_head_padded`.
+    pub lm_head: Range<usize>,
+    pub lm_head_padded: usize,
+    /// Every TP rank computes all logits (no gather) instead of its vocab shard.
+    pub lm_head_replicated: bool,
 }
 
 impl RankPlan {
@@ -139,10 +145,24 @@ impl ParallelPlan {
                     vocab_start,
                     vocab_end: (vocab_start + vocab_per_rank).min(cfg.vocab_size),
                     vocab_per_rank,
+                    lm_head: vocab_start..(vocab_start + vocab_per_rank).min(cfg.vocab_size),
+                    lm_head_padded: vocab_per_rank,
+                    lm_head_replicated: false,
                 });
             }
         }
         Ok(ParallelPlan { tp, pp, ranks })
+    }
+
+    /// Every TP rank holds the whole LM head and computes all logits, instead of a vocab shard
+    /// and an all-gather.
+    pub fn with_replicated_lm_head(mut self, cfg: &ModelConfig) -> Self {
+        for r in &mut self.ranks {
+            r.lm_head = 0..cfg.vocab_size;
+            r.lm_head_padded = cfg.vocab_size;
+            r.lm_head_replicated = true;
+        }
+        self
     }
 
     pub fn world_size(&self) -> usize {
@@ -166,8 +186,8 @@ impl ParallelPlan {
         }
         if r.is_last_stage() {
             weights += h; // final norm
-            if !(cfg.tie_word_embeddings && r.is_first_stage()) {
-                weights += vocab_shard;
+            if !(cfg.tie_word_embeddings && r.is_first_stage() && !r.lm_head_replicated) {
+                weights += r.lm_head_padded as u64 * h;
             }
         }
         let tokens = (p.batch_size * p.max_seq_len) as u64;
@@ -408,6 +428,23 @@ mod tests {
         let sum: u64 = (0..8).map(|r| plan.memory(&c, r, p).weights).sum();
         assert!((sum as f64 - 2.0 * c.num_params() as f64).abs() / (sum as f64) < 0.01);
         assert!(plan.describe(&c, p, Some(141_000_000_000)).contains("yes"));
+    }
+
+    #[test]
+    fn replicated_lm_head_holds_every_row() {
+        let c = cfg("llama-70b");
+        let p = MemoryParams {
+            dtype_bytes: 2,
+            batch_size: 1,
+            max_seq_len: 1024,
+        };
+        let split = ParallelPlan::new(&c, 4, 1).unwrap();
+        let repl = ParallelPlan::new(&c, 4, 1).unwrap().with_replicated_lm_head(&c);
+        let r = &repl.ranks[3];
+        assert_eq!((r.lm_head.clone(), r.lm_head_padded), (0..128256, 128256));
+        assert_eq!(split.ranks[3].lm_head, 96192..128256);
+        let extra = repl.memory(&c, 3, p).weights - split.memory(&c, 3, p).weights;
+        assert_eq!(extra, (128256 - 32064) * 8192 * 2);
     }
 
     #[test]

@@ -85,23 +85,27 @@ impl<B: Backend> VocabParallelEmbedding<B> {
     }
 }
 
-/// LM head split by vocab rows, each shard padded to the same size with zero rows; the logits
-/// are gathered so every TP rank holds all `vocab_per_rank * tp` columns (the first
-/// `vocab_size` are real).
+/// LM head: either split by vocab rows, each shard padded to the same size with zero rows and
+/// the logits gathered so every TP rank holds all `vocab_per_rank * tp` columns, or replicated
+/// (every rank holds all rows and computes all logits, no communication). The first
+/// `vocab_size` columns are real.
 pub struct ParallelLmHead<B: Backend> {
     pub weight: B::Weight,
-    pub vocab_per_rank: usize,
+    /// Rows of `weight` (the padded shard, or the whole vocab).
+    pub rows: usize,
+    /// Gather the shards' logits over the TP group.
+    pub gather: bool,
 }
 
 impl<B: Backend> ParallelLmHead<B> {
-    /// `x` is `[seqs, hidden]`; returns `[seqs, vocab_per_rank * tp]`.
-    pub fn forward(&self, b: &B, x: &B::Tensor, rows: usize, tp: usize) -> Result<B::Tensor> {
-        let mut local = b.alloc_f32(rows, self.vocab_per_rank)?;
+    /// `x` is `[seqs, hidden]`; returns `[seqs, >= vocab_size]` logits.
+    pub fn forward(&self, b: &B, x: &B::Tensor, seqs: usize, tp: usize) -> Result<B::Tensor> {
+        let mut local = b.alloc_f32(seqs, self.rows)?;
         b.matmul(x, &self.weight, &mut local)?;
-        if tp == 1 {
+        if !self.gather {
             return Ok(local);
         }
-        let mut all = b.alloc_f32(rows, self.vocab_per_rank * tp)?;
+        let mut all = b.alloc_f32(seqs, self.rows * tp)?;
         b.all_gather_cols(&local, &mut all)?;
         Ok(all)
     }

@@ -92,7 +92,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Self> {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
-        let (v, vocab_rows, vpr) = (cfg.vocab_size, plan.vocab_start..plan.vocab_end, plan.vocab_per_rank);
+        let (v, vocab_rows) = (cfg.vocab_size, plan.vocab_start..plan.vocab_end);
         let total = plan.layers.len() + 2;
         let one = |name: &str, shape: Vec<usize>, slice: Slice, pad: Option<usize>| -> Result<B::Weight> {
             b.load_weight(src, &[WeightPiece { name, shape, slice }], pad)
@@ -204,14 +204,18 @@ impl<B: Backend> Llama<B> {
             } else {
                 "lm_head.weight"
             };
-            let weight = one(name, vec![v, h], Slice::Rows(vocab_rows), Some(vpr))?;
-            (
-                Some(norm("model.norm.weight")?),
-                Some(ParallelLmHead {
-                    weight,
-                    vocab_per_rank: vpr,
-                }),
-            )
+            let weight = one(
+                name,
+                vec![v, h],
+                Slice::Rows(plan.lm_head.clone()),
+                Some(plan.lm_head_padded),
+            )?;
+            let head = ParallelLmHead {
+                weight,
+                rows: plan.lm_head_padded,
+                gather: !plan.lm_head_replicated && plan.tp > 1,
+            };
+            (Some(norm("model.norm.weight")?), Some(head))
         } else {
             (None, None)
         };
@@ -248,7 +252,7 @@ impl<B: Backend> Llama<B> {
 
     /// One forward step of this stage. The first stage embeds `ids` (one per packed token); later
     /// stages receive the hidden state from the previous one. The last stage returns the logits
-    /// of each sequence's last token, `[seqs, vocab_per_rank * tp]`; other stages return None.
+    /// of each sequence's last token, `[seqs, >= vocab_size]`; other stages return None.
     pub fn forward(
         &self,
         b: &B,

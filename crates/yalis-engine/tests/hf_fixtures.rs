@@ -61,8 +61,22 @@ fn reference(dir: &Path) -> Reference {
 }
 
 fn generate(dir: &Path, prompts: &[Vec<u32>], tp: usize, pp: usize, steps: usize) -> Generation {
+    generate_with(dir, prompts, tp, pp, steps, false)
+}
+
+fn generate_with(
+    dir: &Path,
+    prompts: &[Vec<u32>],
+    tp: usize,
+    pp: usize,
+    steps: usize,
+    replicated_head: bool,
+) -> Generation {
     let model = ResolvedModel::resolve(dir.to_str().unwrap()).unwrap();
-    let plan = ParallelPlan::new(&model.config, tp, pp).unwrap();
+    let mut plan = ParallelPlan::new(&model.config, tp, pp).unwrap();
+    if replicated_head {
+        plan = plan.with_replicated_lm_head(&model.config);
+    }
     let ckpt = Checkpoint::open(dir).unwrap();
     let opts = GenerateOptions {
         max_new_tokens: steps,
@@ -132,5 +146,27 @@ fn batch_composition_does_not_change_a_sequence() {
     assert_eq!(alone.tokens[0], batched.tokens[1]);
     for (a, b) in alone.logits[0].iter().flatten().zip(batched.logits[1].iter().flatten()) {
         assert!((a - b).abs() <= TOL);
+    }
+}
+
+#[test]
+fn replicated_lm_head_gives_the_same_tokens_and_logits() {
+    for name in ["gqa-llama3", "tied-odd"] {
+        let dir = fixture(name);
+        let r = reference(&dir);
+        let base = generate(&dir, &r.input_ids, 1, 1, r.steps);
+        for (tp, pp) in [(2, 1), (4, 2)] {
+            let g = generate_with(&dir, &r.input_ids, tp, pp, r.steps, true);
+            assert_eq!(g.tokens, r.greedy, "{name} tp={tp} pp={pp} replicated head");
+            for (a, b) in g
+                .logits
+                .iter()
+                .flatten()
+                .flatten()
+                .zip(base.logits.iter().flatten().flatten())
+            {
+                assert!((a - b).abs() <= TOL, "{name} tp={tp} pp={pp}: {a} vs {b}");
+            }
+        }
     }
 }

@@ -119,7 +119,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if !launch.runs(tp, pp) {
                 continue;
             }
-            let plan = ParallelPlan::new(&model.config, tp, pp).with_context(|| format!("--tp {tp} --pp {pp}"))?;
+            let plan = a.model.plan(&model.config, tp, pp)?;
             let mut rt = a.model.runtime(plan.world_size())?;
             launch.locate(&mut rt, &plan);
             let prints = launch.prints(plan.world_size());

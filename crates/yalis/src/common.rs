@@ -49,6 +49,10 @@ pub struct ModelArgs {
     /// Seconds any rank may wait on another before the job is declared hung and ended.
     #[arg(long, default_value_t = 600)]
     pub comm_timeout: u64,
+    /// The LM head: split by vocab rows with the logits gathered over TP (default), or
+    /// replicated on every TP rank (more weight bytes per rank, no gather).
+    #[arg(long, value_enum, default_value_t = LmHead::VocabParallel)]
+    pub lm_head: LmHead,
     /// Capture each decode step as one CUDA graph per batch size and replay it.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub cuda_graphs: OnOff,
@@ -72,6 +76,23 @@ pub struct ModelArgs {
     /// Rank 0's rendezvous port (default: MASTER_PORT, or one derived from the Slurm job id).
     #[arg(long)]
     pub master_port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LmHead {
+    VocabParallel,
+    Replicated,
+}
+
+impl ModelArgs {
+    /// The plan for `tp x pp` with the chosen LM head.
+    pub fn plan(&self, cfg: &yalis_core::ModelConfig, tp: usize, pp: usize) -> Result<ParallelPlan> {
+        let plan = ParallelPlan::new(cfg, tp, pp).with_context(|| format!("--tp {tp} --pp {pp}"))?;
+        Ok(match self.lm_head {
+            LmHead::VocabParallel => plan,
+            LmHead::Replicated => plan.with_replicated_lm_head(cfg),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -9,7 +9,6 @@ use yalis_core::plan::MemoryParams;
 use yalis_core::report::append_jsonl;
 use yalis_core::sampling::SamplingParams;
 use yalis_core::tokenizer::TextTokenizer;
-use yalis_core::ParallelPlan;
 use yalis_engine::GenerateOptions;
 
 use crate::common::{banner, build_engine, check_seq_len, provenance, ModelArgs};
@@ -93,7 +92,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .collect::<yalis_core::Result<_>>()?;
     let max_seq = prompts.iter().map(Vec::len).max().unwrap_or(0) + a.max_new_tokens;
     check_seq_len(&model, max_seq)?;
-    let plan = ParallelPlan::new(&model.config, a.tp, a.pp)?;
+    let plan = a.model.plan(&model.config, a.tp, a.pp)?;
     let src = a.model.weight_source(&model, a.seed)?;
     let mem = MemoryParams {
         dtype_bytes: 2,
