@@ -507,35 +507,23 @@ impl CudaBackend {
         })?;
         let gbps = 2.0 * (half * 2) as f64 / (copy_ms * 1e-3) / 1e9;
         drop((src, dst));
-        let (a, w) = (random(n, n, 3)?, random(n, n, 4)?);
-        let x = CudaTensor {
-            ptr: a.buf.ptr,
-            rows: n,
-            cols: n,
-            dtype: DType::Bf16,
-            off: usize::MAX,
-            arena: self.arena.clone(),
-        };
-        let _ = &a;
-        let out = self.alloc_typed_outside(n, n)?;
-        let gemm_ms = self.time_ms(3, 20, || self.gemm(&x, &w, &out.1))?;
+        let (a, w, o) = (random(n, n, 3)?, random(n, n, 4)?, self.new_weight(n, n, DType::Bf16)?);
+        let (x, out) = (self.view(&a), self.view(&o));
+        let gemm_ms = self.time_ms(3, 20, || self.gemm(&x, &w, &out))?;
         let tflops = 2.0 * (n as f64).powi(3) / (gemm_ms * 1e-3) / 1e12;
         Ok((gbps, tflops))
     }
 
-    /// A bf16 `[rows, cols]` activation backed by its own allocation (for measurements larger
-    /// than the arena).
-    fn alloc_typed_outside(&self, rows: usize, cols: usize) -> Result<(CudaWeight, CudaTensor)> {
-        let w = self.new_weight(rows, cols, DType::Bf16)?;
-        let t = CudaTensor {
+    /// An activation view of `w`'s memory, which the arena does not own (`w` outlives it).
+    fn view(&self, w: &CudaWeight) -> CudaTensor {
+        CudaTensor {
             ptr: w.buf.ptr,
-            rows,
-            cols,
-            dtype: DType::Bf16,
+            rows: w.rows,
+            cols: w.cols,
+            dtype: w.dtype,
             off: usize::MAX,
             arena: self.arena.clone(),
-        };
-        Ok((w, t))
+        }
     }
 
     fn alloc_typed(&self, rows: usize, cols: usize, dtype: DType) -> Result<CudaTensor> {
