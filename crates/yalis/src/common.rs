@@ -27,7 +27,7 @@ pub enum Device {
 pub enum AllReduce {
     Nccl,
     Nvrar,
-    /// The fastest measured backend for each message size; on CPU, the host communicator.
+    /// NCCL on GPUs (per-size thresholds come with NVRAR); on the CPU, the host communicator.
     Auto,
 }
 
