@@ -2,8 +2,9 @@
 //! tells every rank where the others are.
 //!
 //! Sources, first match wins: explicit values (the CLI), a yalis-spawned child (`YALIS_SPAWNED=1`
-//! with torchrun-style variables), Slurm (`srun`), Open MPI (`mpirun`), torchrun-style variables
-//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`).
+//! with torchrun-style variables), MPI itself (only with the `mpi` feature, see `crate::mpi`),
+//! Slurm (`srun`), Open MPI (`mpirun`), torchrun-style variables (`RANK`, `WORLD_SIZE`,
+//! `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`).
 //!
 //! Rendezvous: rank 0 listens on the master address; every other rank connects (retrying until
 //! the timeout), says who it is (rank, host, pid, the address of its own listener for the data
@@ -13,6 +14,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::{CommError, Result};
@@ -26,6 +28,8 @@ pub enum Launcher {
     Spawned,
     Slurm,
     OpenMpi,
+    /// MPI_COMM_WORLD, with rank 0's address sent by MPI_Bcast (the `mpi` feature).
+    Mpi,
     /// torchrun-style `RANK` / `WORLD_SIZE` variables.
     Env,
 }
@@ -37,6 +41,7 @@ impl Launcher {
             Launcher::Spawned => "yalis (its own child processes)",
             Launcher::Slurm => "Slurm (srun)",
             Launcher::OpenMpi => "Open MPI (mpirun)",
+            Launcher::Mpi => "MPI (mpirun)",
             Launcher::Env => "RANK/WORLD_SIZE",
         }
     }
@@ -76,7 +81,13 @@ fn bad(msg: String) -> CommError {
 impl Bootstrap {
     /// From this process's environment and `explicit`; `None` when nothing says this process is
     /// one rank of a job.
+    ///
+    /// With the `mpi` feature, MPI is asked first (after the CLI and yalis' own children).
     pub fn detect(explicit: &Explicit) -> Result<Option<Bootstrap>> {
+        #[cfg(feature = "mpi")]
+        if let Some(b) = crate::mpi::detect(explicit)? {
+            return Ok(Some(b));
+        }
         Self::detect_from(explicit, |k| std::env::var(k).ok())
     }
 
@@ -525,7 +536,24 @@ fn job_key() -> u64 {
     h.finish()
 }
 
-fn bind_master(b: &Bootstrap, host: &str) -> Result<TcpListener> {
+/// A listener that rank 0 bound before the rendezvous (to send its port through MPI).
+static PREBOUND: Mutex<Option<TcpListener>> = Mutex::new(None);
+
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn prebind(l: TcpListener) {
+    *PREBOUND.lock().unwrap_or_else(|e| e.into_inner()) = Some(l);
+}
+
+pub(crate) fn bind_master(b: &Bootstrap, host: &str) -> Result<TcpListener> {
+    {
+        let mut pre = PREBOUND.lock().unwrap_or_else(|e| e.into_inner());
+        if pre
+            .as_ref()
+            .is_some_and(|l| l.local_addr().is_ok_and(|a| a.port() == b.master_port))
+        {
+            return Ok(pre.take().expect("checked"));
+        }
+    }
     let at = format!("rank 0 on {host}");
     let target = format!("{}:{}", b.master_addr, b.master_port);
     let addrs: Vec<SocketAddr> = target
@@ -967,6 +995,23 @@ mod tests {
         assert!(
             e.contains("could not reach rank 0 at 127.0.0.1:") && e.contains("MASTER_ADDR"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn rank_0_takes_a_listener_bound_before_the_rendezvous() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        prebind(l);
+        // Asked for another port: not this one, which stays for the right one.
+        let other = bind_master(&boot(0, 2, free_port()), "h").unwrap();
+        assert_ne!(other.local_addr().unwrap(), addr);
+        assert_eq!(
+            bind_master(&boot(0, 2, addr.port()), "h")
+                .unwrap()
+                .local_addr()
+                .unwrap(),
+            addr
         );
     }
 

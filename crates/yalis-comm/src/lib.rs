@@ -4,10 +4,13 @@
 //! transport implements (ranks as threads in `local`, ranks as processes over TCP in `tcp`),
 //! and the typed collectives the engine uses, built on them. Every wait has a timeout, and a
 //! failing rank aborts the whole job, so no rank ever hangs silently. `bootstrap` finds this
-//! process's rank (Slurm, Open MPI, torchrun-style variables, the CLI) and runs the rendezvous.
+//! process's rank (Slurm, Open MPI, torchrun-style variables, the CLI; MPI itself with the `mpi`
+//! feature) and runs the rendezvous.
 
 pub mod bootstrap;
 mod local;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod tcp;
 
 pub use bootstrap::{hostname, rendezvous, Bootstrap, Explicit, Launcher, Peer, Rendezvous};

@@ -283,6 +283,8 @@ impl TcpMesh {
                 .collect();
             if waiting.is_empty() {
                 st.closing = true;
+                #[cfg(feature = "mpi")]
+                crate::mpi::finished_cleanly();
                 return Ok(());
             }
             let now = Instant::now();

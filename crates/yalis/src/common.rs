@@ -406,7 +406,7 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
     json!({
         "argv": std::env::args().collect::<Vec<_>>(),
         "git_rev": env!("YALIS_GIT_REV"),
-        "features": if cfg!(feature = "cuda") { vec!["cuda"] } else { Vec::<&str>::new() },
+        "features": features(),
         "versions": { "yalis": env!("CARGO_PKG_VERSION") },
         "host": yalis_comm::hostname(),
         "time": yalis_core::report::utc_now_rfc3339(),
@@ -463,4 +463,12 @@ pub fn roofline(rt: &Runtime) -> Result<Option<Roofline>> {
 #[cfg(not(feature = "cuda"))]
 pub fn roofline(_: &Runtime) -> Result<Option<Roofline>> {
     Ok(None)
+}
+
+/// The cargo features this binary was built with.
+pub fn features() -> Vec<&'static str> {
+    [("cuda", cfg!(feature = "cuda")), ("mpi", cfg!(feature = "mpi"))]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect()
 }

@@ -6,7 +6,15 @@ use anyhow::Result;
 pub fn run() -> Result<()> {
     println!("yalis {} ({})", env!("CARGO_PKG_VERSION"), env!("YALIS_GIT_REV"));
     println!("host: {}", yalis_comm::hostname());
-    println!("features: {}", if cfg!(feature = "cuda") { "cuda" } else { "(none)" });
+    let features = crate::common::features();
+    println!(
+        "features: {}",
+        if features.is_empty() {
+            "(none)".to_string()
+        } else {
+            features.join(", ")
+        }
+    );
     cuda();
     Ok(())
 }

@@ -19,6 +19,12 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")
 }
@@ -264,13 +270,13 @@ fn ranks_started_by_hand_match_one_rank() {
     assert_eq!(multi.records.len(), 3, "only rank 0 writes the records");
 }
 
-/// Open MPI's mpirun, where the machine has it (CI does not; MPI is not installed for this).
-#[test]
-fn under_mpirun() {
-    let version = Command::new("mpirun").arg("--version").output();
-    let Ok(v) = version else {
-        println!("note: no mpirun on this machine; skipping the mpirun test");
-        return;
+/// Open MPI's `mpirun -np N --oversubscribe` (and `--allow-run-as-root` where this runs as
+/// root), with the variables that would name a launcher removed; `None` where the machine has no
+/// mpirun or another MPI's (CI has none: MPI is not installed for these tests).
+fn mpirun(np: usize) -> Option<Command> {
+    let Ok(v) = Command::new("mpirun").arg("--version").output() else {
+        println!("note: no mpirun on this machine; skipping");
+        return None;
     };
     let text = String::from_utf8_lossy(&v.stdout).to_string() + &String::from_utf8_lossy(&v.stderr);
     if !text.contains("Open MPI") && !text.contains("Open RTE") {
@@ -278,26 +284,146 @@ fn under_mpirun() {
             "note: mpirun is not Open MPI ({}); skipping",
             text.lines().next().unwrap_or("")
         );
-        return;
+        return None;
     }
-    let dir = fixture("tied-odd");
-    let single = generate(&dir, &[]);
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-np", "4", "--oversubscribe"]);
-    if std::env::var("USER").as_deref() == Ok("root") || std::env::var("HOME").as_deref() == Ok("/root") {
-        cmd.arg("--allow-run-as-root");
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &np.to_string(), "--oversubscribe"]);
+    let root = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    };
+    if root {
+        c.arg("--allow-run-as-root");
     }
+    let plain = yalis();
+    for (k, v) in plain.get_envs() {
+        if v.is_none() {
+            c.env_remove(k);
+        }
+    }
+    Some(c)
+}
+
+/// The launcher each rank says it joined through (`YALIS_LOG=yalis=info`), in order of the lines.
+fn joined_through(stderr: &str) -> Vec<String> {
+    // Without the log's colours: ESC [ ... m.
+    let mut plain = String::with_capacity(stderr.len());
+    let mut chars = stderr.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| l.contains("joined the job"))
+        .filter_map(|l| l.split("launcher=").nth(1))
+        .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Four ranks under mpirun: the same tokens, stdout and logits as one rank. With the `mpi`
+/// feature they bootstrap through MPI, also where Open MPI's variables are hidden from them.
+#[test]
+fn under_mpirun() {
+    let launcher = if cfg!(feature = "mpi") { "Mpi" } else { "OpenMpi" };
+    for name in ["gqa-llama3", "tied-odd"] {
+        let Some(mut cmd) = mpirun(4) else { return };
+        let dir = fixture(name);
+        let single = generate(&dir, &[]);
+        let tmp = tempfile::tempdir().unwrap();
+        cmd.arg(YALIS)
+            .args(generate_args(&dir, tmp.path()))
+            .args(["--tp", "2", "--pp", "2"])
+            .env("YALIS_LOG", "yalis=info");
+        let d = run(&mut cmd, Duration::from_secs(120));
+        assert_eq!(d.code, Some(0), "stderr:\n{}", d.stderr);
+        assert_eq!(joined_through(&d.stderr), [launcher; 4], "{}", d.stderr);
+        let multi = collect(tmp.path(), d.stdout);
+        assert_same(name, &single, &multi, "mpirun -np 4");
+        assert_eq!(multi.records[0]["layout"]["allreduce"], "host (TCP)");
+        assert_eq!(multi.records.len(), 3, "only rank 0 writes the records");
+        if cfg!(feature = "mpi") {
+            let Some(mut cmd) = mpirun(4) else { return };
+            let tmp = tempfile::tempdir().unwrap();
+            cmd.arg("env");
+            for v in ["RANK", "SIZE", "LOCAL_RANK", "LOCAL_SIZE"] {
+                cmd.args(["-u", &format!("OMPI_COMM_WORLD_{v}")]);
+            }
+            cmd.arg(YALIS)
+                .args(generate_args(&dir, tmp.path()))
+                .args(["--tp", "2", "--pp", "2"])
+                .env("YALIS_LOG", "yalis=info");
+            let d = run(&mut cmd, Duration::from_secs(120));
+            assert_eq!(d.code, Some(0), "stderr:\n{}", d.stderr);
+            assert_eq!(joined_through(&d.stderr), ["Mpi"; 4], "{}", d.stderr);
+            assert_same(name, &single, &collect(tmp.path(), d.stdout), "MPI bootstrap");
+        }
+    }
+}
+
+/// A rank of an mpirun job killed from outside: the job ends within seconds, with a message
+/// naming the lost rank.
+#[test]
+fn a_killed_rank_ends_an_mpirun_job() {
+    let Some(mut cmd) = mpirun(4) else { return };
+    let t0 = Instant::now();
     cmd.arg(YALIS)
-        .args(generate_args(&dir, tmp.path()))
-        .args(["--tp", "2", "--pp", "2"])
-        .env_remove("MASTER_ADDR")
-        .env_remove("MASTER_PORT");
-    let d = run(&mut cmd, Duration::from_secs(120));
-    assert_eq!(d.code, Some(0), "stderr:\n{}", d.stderr);
-    let multi = collect(tmp.path(), d.stdout);
-    assert_same("tied-odd", &single, &multi, "mpirun -np 4");
-    assert_eq!(multi.records[0]["layout"]["allreduce"], "host (TCP)");
+        .args(bench_2x2(&[]).get_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut victim = None;
+    let mut line = String::new();
+    while victim.is_none() && out.read_line(&mut line).unwrap() > 0 {
+        if let Some(rest) = line.trim_start().strip_prefix("rank   1 -> cpu (pid ") {
+            victim = rest.split(')').next().map(str::to_string);
+        }
+        line.clear();
+    }
+    let Some(pid) = victim else {
+        let _ = child.kill();
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        panic!("the banner names no pid for rank 1; stderr:\n{err}");
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+    let t_kill = Instant::now();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let mut err = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t_kill.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "mpirun still running 30 s after the kill; stderr:\n{}",
+                err.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t_kill.elapsed();
+    let err = err.join().unwrap();
+    assert!(!status.success(), "{status:?}\n{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert!(t0.elapsed() < Duration::from_secs(90));
+    // The survivors name the lost rank, unless mpirun ended them first; then mpirun does.
+    let lost = format!("lost rank 1 on {} (pid {pid})", hostname());
+    let by_mpirun = err.contains("process rank 1 with PID") && err.contains("signal 9");
+    assert!(err.contains(&lost) || by_mpirun, "no {lost:?} in:\n{err}");
 }
 
 #[test]
