@@ -8,8 +8,7 @@
 #   - CUDA graphs on vs off; programmatic dependent launch on vs off (YALIS_PDL=0).
 # Every run appends to $OUT/llama8b.jsonl (argv, revision, host, GPU, time with each record).
 set -euo pipefail
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/../scripts/gpu-env.sh"
 out=${OUT:-bench-logs}
 mkdir -p "$out"
 bin=${BIN:-.gpu/yalis}

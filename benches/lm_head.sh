@@ -2,8 +2,7 @@
 # Vocab-parallel vs replicated LM head, Llama-3.1-70B dummy bf16 at TP 4 on 4x H200, batch 1 and
 # 64: the decode step with each (issue "Distributed yalis": pick by measurement).
 set -euo pipefail
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/../scripts/gpu-env.sh"
 out=${OUT:-bench-logs}
 mkdir -p "$out"
 for head in vocab-parallel replicated; do

@@ -5,8 +5,7 @@
 #   - Llama-3.1-70B dummy bf16 at TP 4 and TP 2 x PP 2, batch 1, 8, 32, 64: decode ms per step,
 #     GB/s per GPU, and the NCCL all-reduce of each step timed alone on the same ranks.
 set -euo pipefail
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/../scripts/gpu-env.sh"
 out=${OUT:-bench-logs}
 mkdir -p "$out"
 bin=${BIN:-.gpu/yalis}

@@ -4,8 +4,7 @@
 # odd-sized inputs, GPU sampling against the CPU sampler, weight loading, and the bf16 engine
 # on the HF fixtures (eager and with CUDA graphs). Logs go to $OUT (or ./gpu-logs).
 set -euo pipefail
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/gpu-env.sh"
 export YALIS_FIXTURES=$PWD/tests/fixtures
 out=${OUT:-gpu-logs}
 mkdir -p "$out"

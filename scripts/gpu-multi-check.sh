@@ -4,8 +4,7 @@
 # the single-GPU tokens and transformers' greedy tokens wherever its top-2 margin exceeds the
 # bf16 tolerance; then, with BENCH=1, Llama-3.1-70B dummy bf16 at TP 4 and TP 2 x PP 2.
 set -euo pipefail
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/gpu-env.sh"
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
 bin=.gpu/yalis

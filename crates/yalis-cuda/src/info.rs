@@ -24,11 +24,7 @@ pub fn report() -> String {
         Ok(Ok(s)) => out.push_str(&s),
         Ok(Err(s)) => out.push_str(&s),
         Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("");
+            let why = yalis_engine::ranks::panic_message(&*panic);
             let _ = writeln!(out, "libcuda not found: {why}");
         }
     }

@@ -27,34 +27,7 @@ pub fn run_threads<R: Send>(
                 let (f, abort, host) = (&f, abort.clone(), host.clone());
                 std::thread::Builder::new()
                     .name(format!("rank{}", rp.rank))
-                    .spawn_scoped(s, move || {
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(rp, c)));
-                        let r = match r {
-                            Ok(r) => r,
-                            Err(p) => {
-                                let msg = p
-                                    .downcast_ref::<String>()
-                                    .cloned()
-                                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                                    .unwrap_or_else(|| "panic".into());
-                                Err(Error::Invalid(format!("panicked: {msg}")))
-                            }
-                        };
-                        r.map_err(|e| {
-                            let secondary = matches!(&e, Error::Comm(c) if c.is_secondary());
-                            if !secondary {
-                                abort.abort(&format!("rank {} on {host} failed: {e}", rp.rank));
-                            }
-                            (
-                                secondary,
-                                Error::Rank {
-                                    rank: rp.rank,
-                                    host: host.clone(),
-                                    msg: e.to_string(),
-                                },
-                            )
-                        })
-                    })
+                    .spawn_scoped(s, move || run_rank(rp.rank, &host, |m| abort.abort(m), || f(rp, c)))
                     .expect("spawning a rank thread")
             })
             .collect();
@@ -76,4 +49,39 @@ pub fn run_threads<R: Send>(
         }
     }
     secondary.map_or(Ok(ok), Err)
+}
+
+/// Runs one rank's work. A panic becomes an error; a first failure (not one a rank sees because
+/// another rank aborted the job) aborts the job with a message naming the rank and host. The
+/// error comes back as `Error::Rank`, with whether it was secondary.
+pub fn run_rank<R>(
+    rank: usize,
+    host: &str,
+    abort: impl FnOnce(&str),
+    f: impl FnOnce() -> Result<R>,
+) -> std::result::Result<R, (bool, Error)> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(Error::Invalid(format!("panicked: {}", panic_message(&*p)))));
+    r.map_err(|e| {
+        let secondary = matches!(&e, Error::Comm(c) if c.is_secondary());
+        if !secondary {
+            abort(&format!("rank {rank} on {host} failed: {e}"));
+        }
+        (
+            secondary,
+            Error::Rank {
+                rank,
+                host: host.to_string(),
+                msg: e.to_string(),
+            },
+        )
+    })
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
 }

@@ -28,7 +28,7 @@ use clap::ValueEnum;
 use yalis_comm::hostname;
 use yalis_comm::{Bootstrap, Explicit, HostComm, Launcher, RankComms, TcpMesh};
 use yalis_core::{ParallelPlan, RankPlan};
-use yalis_engine::ranks::run_threads;
+use yalis_engine::ranks::{run_rank, run_threads};
 
 use crate::common::{ModelArgs, Runtime};
 
@@ -230,23 +230,8 @@ impl Launch {
                 }
                 let comms = with_test_faults(mesh.rank_comms(plan.tp, plan.pp)?, rank);
                 let host = hostname();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&plan.ranks[rank], comms)))
-                    .unwrap_or_else(|p| Err(yalis_engine::Error::Invalid(format!("panicked: {}", panic_text(&*p)))));
-                match r {
-                    Ok(v) => Ok(RankResults(vec![(rank, v)])),
-                    Err(e) => {
-                        let secondary = matches!(&e, yalis_engine::Error::Comm(c) if c.is_secondary());
-                        if !secondary {
-                            mesh.abort(&format!("rank {rank} on {host} failed: {e}"));
-                        }
-                        Err(yalis_engine::Error::Rank {
-                            rank,
-                            host,
-                            msg: e.to_string(),
-                        }
-                        .into())
-                    }
-                }
+                let r = run_rank(rank, &host, |m| mesh.abort(m), || f(&plan.ranks[rank], comms));
+                r.map(|v| RankResults(vec![(rank, v)])).map_err(|(_, e)| e.into())
             }
         }
     }
@@ -267,13 +252,6 @@ fn watch_parent(mesh: Arc<TcpMesh>, at: String) {
             std::process::exit(1);
         }
     });
-}
-
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".into())
 }
 
 /// This process's rank among its node's processes, when a launcher (or yalis) started it as
