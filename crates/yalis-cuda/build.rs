@@ -2,7 +2,10 @@
 //! (`CUBINS`, `NVCC_VERSION`, `KERNEL_ARCH`). Only with the `kernels` feature (the binary's `cuda`
 //! feature turns it on): without it `CUBINS` is empty and no nvcc is needed, so a plain
 //! `cargo build --workspace` works on machines without CUDA.
-//! NVSHMEM kernels (`nvrar*`, `nvshmem*`) need `-rdc` and a device link: not built yet.
+//! NVSHMEM kernels (`nvrar*.cu`) are compiled with `-rdc=true` and device-linked against NVSHMEM's
+//! `libnvshmem_device.a` into a self-contained cubin (the host registers it with
+//! `nvshmemx_cumodule_init`); NVSHMEM's headers and device library come from `NVSHMEM_HOME`, else
+//! the project-local toolchain (`.cuda/nvidia/nvshmem`, scripts/setup-cuda.sh).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,6 +29,7 @@ const ENV: &[&str] = &[
     "NVCC_PREPEND_FLAGS",
     "NVCC_APPEND_FLAGS",
     "NVCC_CCBIN",
+    "NVSHMEM_HOME",
 ];
 
 fn main() {
@@ -51,13 +55,14 @@ fn main() {
     let mut sources: Vec<PathBuf> = fs::read_dir(&kernels)
         .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
-    sources.retain(|p| {
-        let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-        p.extension().is_some_and(|e| e == "cu") && !stem.starts_with("nvrar") && !stem.starts_with("nvshmem")
-    });
+    sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
     sources.sort();
 
     let nvcc = find_nvcc(&workspace);
+    let nvshmem = sources
+        .iter()
+        .any(|p| uses_nvshmem(p))
+        .then(|| find_nvshmem(&workspace));
     println!("cargo:rerun-if-changed={}", nvcc.display());
     let version = Command::new(&nvcc)
         .arg("--version")
@@ -83,7 +88,7 @@ fn main() {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(src) = sources.get(i) else { break done };
-                        done.push(compile(&nvcc, &kernels, src, &out));
+                        done.push(compile(&nvcc, &kernels, nvshmem.as_deref(), src, &out));
                     }
                 })
             })
@@ -130,22 +135,59 @@ fn find_nvcc(workspace: &Path) -> PathBuf {
     ))
 }
 
-/// `kernels/<stem>.cu` -> `OUT_DIR/<stem>.cubin`; ptxas' report goes to `OUT_DIR/<stem>.ptxas.txt`
-/// and a warning is printed for each function that spills.
-fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path) -> Result<(), String> {
-    let stem = stem(src);
-    let cubin = out.join(format!("{stem}.cubin"));
+/// Kernels that call NVSHMEM device functions: `kernels/nvrar*.cu`.
+fn uses_nvshmem(src: &Path) -> bool {
+    stem(src).starts_with("nvrar")
+}
+
+/// NVSHMEM 3.4.5 (headers and `libnvshmem_device.a`): `NVSHMEM_HOME`, else the project-local
+/// toolchain's `nvidia/nvshmem`.
+fn find_nvshmem(workspace: &Path) -> PathBuf {
+    let local = workspace
+        .join(
+            env::var_os("YALIS_CUDA_DIR")
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| ".cuda".into()),
+        )
+        .join("nvidia/nvshmem");
+    let home = env::var_os("NVSHMEM_HOME").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let dir = home.unwrap_or(local);
+    let lib = dir.join("lib/libnvshmem_device.a");
+    let version = dir.join("include/non_abi/nvshmem_version.h");
+    if !lib.is_file() || !version.is_file() {
+        fail(&format!(
+            "NVSHMEM not found in {} (want include/ and lib/libnvshmem_device.a of NVSHMEM 3.4.5).\n\
+             Run scripts/setup-cuda.sh (installs nvidia-nvshmem-cu13==3.4.5 into .cuda/), or set NVSHMEM_HOME.",
+            dir.display()
+        ));
+    }
+    let header = fs::read_to_string(&version).unwrap_or_default();
+    let part = |name: &str| {
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("#define NVSHMEM_VENDOR_{name}_VERSION ")))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let found = format!("{}.{}.{}", part("MAJOR"), part("MINOR"), part("PATCH"));
+    if found != "3.4.5" {
+        fail(&format!(
+            "NVSHMEM in {} is {found}; yalis's device code must match the GPU nodes' host library, 3.4.5. \
+             Run scripts/setup-cuda.sh or point NVSHMEM_HOME at NVSHMEM 3.4.5.",
+            dir.display()
+        ));
+    }
+    println!("cargo:rerun-if-changed={}", lib.display());
+    dir
+}
+
+fn run_nvcc(nvcc: &Path, args: &[&std::ffi::OsStr], src: &Path) -> Result<(String, String), String> {
     let run = Command::new(nvcc)
-        .args(NVCC_FLAGS)
-        .arg("-I")
-        .arg(include)
-        .arg("-o")
-        .arg(&cubin)
-        .arg(src)
+        .args(args)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     if !run.status.success() {
         return Err(format!(
             "nvcc failed on {} ({}):\n{stdout}{stderr}",
@@ -153,6 +195,63 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path) -> Result<(), St
             run.status
         ));
     }
+    Ok((stdout, stderr))
+}
+
+/// `kernels/<stem>.cu` -> `OUT_DIR/<stem>.cubin`; ptxas' report goes to `OUT_DIR/<stem>.ptxas.txt`
+/// and a warning is printed for each function that spills. NVSHMEM kernels go through an object
+/// (`-rdc=true`) and a device link with `libnvshmem_device.a`.
+fn compile(nvcc: &Path, include: &Path, nvshmem: Option<&Path>, src: &Path, out: &Path) -> Result<(), String> {
+    let stem = stem(src);
+    let cubin = out.join(format!("{stem}.cubin"));
+    let (stdout, stderr) = match nvshmem.filter(|_| uses_nvshmem(src)) {
+        None => {
+            let mut args: Vec<&std::ffi::OsStr> = NVCC_FLAGS.iter().map(|f| f.as_ref()).collect();
+            args.extend([
+                "-I".as_ref(),
+                include.as_os_str(),
+                "-o".as_ref(),
+                cubin.as_os_str(),
+                src.as_os_str(),
+            ]);
+            run_nvcc(nvcc, &args, src)?
+        }
+        Some(nv) => {
+            let object = out.join(format!("{stem}.o"));
+            let nv_include = nv.join("include");
+            let nv_lib = nv.join("lib");
+            let mut args: Vec<&std::ffi::OsStr> = NVCC_FLAGS
+                .iter()
+                .filter(|f| **f != "-cubin")
+                .map(|f| f.as_ref())
+                .collect();
+            args.extend([
+                "-rdc=true".as_ref(),
+                "-c".as_ref(),
+                "-I".as_ref(),
+                include.as_os_str(),
+                "-I".as_ref(),
+                nv_include.as_os_str(),
+                "-o".as_ref(),
+                object.as_os_str(),
+                src.as_os_str(),
+            ]);
+            let compiled = run_nvcc(nvcc, &args, src)?;
+            let link: Vec<&std::ffi::OsStr> = vec![
+                NVCC_FLAGS[0].as_ref(),
+                "-dlink".as_ref(),
+                "-cubin".as_ref(),
+                object.as_os_str(),
+                "-L".as_ref(),
+                nv_lib.as_os_str(),
+                "-lnvshmem_device".as_ref(),
+                "-o".as_ref(),
+                cubin.as_os_str(),
+            ];
+            run_nvcc(nvcc, &link, src)?;
+            compiled
+        }
+    };
     fs::write(out.join(format!("{stem}.ptxas.txt")), format!("{stdout}{stderr}"))
         .map_err(|e| format!("cannot write the ptxas report of {stem}: {e}"))?;
     // "ptxas info : Function properties for NAME" then "N bytes stack frame, N bytes spill stores, N bytes spill loads".
@@ -160,7 +259,7 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out: &Path) -> Result<(), St
     for line in stderr.lines() {
         if let Some(name) = line.split("Function properties for ").nth(1) {
             function = name.trim();
-        } else if line.contains("bytes spill stores") {
+        } else if line.contains("bytes spill stores") && !function.contains("nvshmem") {
             let spills = line.split(',').filter(|p| p.contains("bytes spill"));
             if spills
                 .clone()

@@ -277,6 +277,41 @@ pub struct CudaBackend {
     nccl: Option<(crate::nccl::NcclGroups, usize)>,
 }
 
+/// Launches `f` on `stream`, with programmatic stream serialization when `pdl` (the kernel may
+/// start while the previous one drains; every kernel of kernels/ waits for its predecessor first).
+///
+/// # Safety
+/// `params` must match `f`'s parameters, and `stream` be a live stream of the current context.
+pub(crate) unsafe fn launch_on(
+    f: sys::CUfunction,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: u32,
+    stream: sys::CUstream,
+    pdl: bool,
+    params: &mut [*mut c_void],
+) -> std::result::Result<(), DriverError> {
+    if !pdl {
+        return drv::launch_kernel(f, grid, block, smem, stream, params);
+    }
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: smem,
+        hStream: stream,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()).result()
+}
+
 macro_rules! launch {
     ($self:expr, $name:expr, $grid:expr, $block:expr, $smem:expr; $($arg:expr),* $(,)?) => {{
         let f = $self.k.f[$name];
@@ -383,25 +418,7 @@ impl CudaBackend {
         smem: u32,
         params: &mut [*mut c_void],
     ) -> std::result::Result<(), DriverError> {
-        if !self.pdl.get() {
-            return drv::launch_kernel(f, grid, block, smem, self.stream.cu_stream(), params);
-        }
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: grid.0,
-            gridDimY: grid.1,
-            gridDimZ: grid.2,
-            blockDimX: block.0,
-            blockDimY: block.1,
-            blockDimZ: block.2,
-            sharedMemBytes: smem,
-            hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()).result()
+        launch_on(f, grid, block, smem, self.stream.cu_stream(), self.pdl.get(), params)
     }
 
     /// Programmatic dependent launch on (default) or off; benchmarks compare both.

@@ -5,5 +5,6 @@ pub mod backend;
 pub mod info;
 pub mod kernels;
 pub mod nccl;
+pub mod nvrar;
 
 pub use info::{devices, GpuInfo};

@@ -1,0 +1,447 @@
+//! NVRAR, the hierarchical recursive-doubling all-reduce of kernels/nvrar.cu, on NVSHMEM 3.4.5.
+//!
+//! One [`Nvrar`] per process (NVSHMEM has one PE per process): it joins the NVSHMEM world of the
+//! job, allocates the kernel's LL buffer on the symmetric heap, registers the `nvrar` module with
+//! `nvshmemx_cumodule_init`, and works out, for its group (the TP group: PEs listed in group
+//! order), the node structure (`gpus_per_node` consecutive group members form a node, real or
+//! virtual), the NVLink address of every peer of its node and of each recursive-doubling partner
+//! (or none: the kernel then puts through NVSHMEM). A call is one kernel launch on the caller's
+//! stream with all state on the device, so it can be captured in a CUDA graph.
+
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{result as drv, sys, CudaContext};
+use nvshmem_sys::{Nvshmem, Session, SymmetricBuffer, UniqueId};
+use yalis_engine::{Error, Result};
+
+const MAX_G: usize = 8;
+const MAX_STEPS: usize = 16;
+
+/// The kernel's parameter block; must match `struct NvrarArgs` in kernels/nvrar.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NvrarArgs {
+    input: u64,
+    out: u64,
+    n: u64,
+    ll: u64,
+    slot_lines: u64,
+    local_peer: [u64; MAX_G],
+    rd_peer: [u64; MAX_STEPS],
+    rd_pe: [i32; MAX_STEPS],
+    fold_peer: u64,
+    fold_pe: i32,
+    g_size: i32,
+    g: i32,
+    n_nodes: i32,
+    node: i32,
+    pad: i32,
+    ctrl: u64,
+    timeout_ns: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<NvrarArgs>() == 344);
+
+/// Element types the kernel sums (in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElemType {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl ElemType {
+    pub fn bytes(self) -> usize {
+        match self {
+            ElemType::Bf16 | ElemType::F16 => 2,
+            ElemType::F32 => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ElemType::Bf16 => "bf16",
+            ElemType::F16 => "f16",
+            ElemType::F32 => "f32",
+        }
+    }
+}
+
+/// NVRAR's tunables and limits.
+#[derive(Clone, Debug)]
+pub struct NvrarConfig {
+    /// GPUs per node of the hierarchy (consecutive group members); smaller than the real node
+    /// makes virtual nodes on one machine. 0: the whole group is one node.
+    pub gpus_per_node: usize,
+    /// Threads per block (a multiple of 32, at most 1024).
+    pub threads: usize,
+    /// The most blocks a call uses (capped at the GPU's SM count: one wave).
+    pub max_blocks: usize,
+    /// The largest message of one launch; longer ones run as several calls. Sizes the LL buffer.
+    pub max_bytes: usize,
+    /// Send to recursive-doubling partners through NVSHMEM puts even when they have an NVLink
+    /// address (exercises the other-node path on one machine).
+    pub force_put: bool,
+    /// How long a kernel waits for a peer's data before it traps.
+    pub timeout: Duration,
+}
+
+impl Default for NvrarConfig {
+    fn default() -> Self {
+        NvrarConfig {
+            gpus_per_node: 0,
+            threads: 512,
+            max_blocks: 32,
+            max_bytes: 16 << 20,
+            force_put: false,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where this PE sits in the hierarchy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// GPUs per node, this GPU's index in its node, nodes, this GPU's node.
+    pub g_size: usize,
+    pub g: usize,
+    pub nodes: usize,
+    pub node: usize,
+    /// Group indices (not PEs) of the node's GPUs, of the partner at each recursive-doubling
+    /// step, and of the fold partner (nodes beyond the largest power of two pair with node - N2).
+    pub node_members: Vec<usize>,
+    pub rd_partners: Vec<usize>,
+    pub fold_partner: Option<usize>,
+}
+
+impl Layout {
+    /// The hierarchy of group member `index` of `size`, with `gpus_per_node` per node (0: one node).
+    pub fn new(index: usize, size: usize, gpus_per_node: usize) -> Result<Layout> {
+        let g_size = if gpus_per_node == 0 { size } else { gpus_per_node };
+        if size == 0 || index >= size {
+            return Err(Error::Invalid(format!("nvrar: member {index} of a group of {size}")));
+        }
+        if size % g_size != 0 {
+            return Err(Error::Invalid(format!(
+                "nvrar: --gpus-per-node {g_size} does not divide the group of {size} GPUs; pick a divisor of {size}"
+            )));
+        }
+        if g_size > MAX_G {
+            return Err(Error::Invalid(format!(
+                "nvrar: {g_size} GPUs per node; at most {MAX_G} are supported (set --gpus-per-node)"
+            )));
+        }
+        let (nodes, node, g) = (size / g_size, index / g_size, index % g_size);
+        let steps = nodes.ilog2() as usize;
+        if steps > MAX_STEPS {
+            return Err(Error::Invalid(format!(
+                "nvrar: {nodes} nodes; at most 2^{MAX_STEPS} are supported"
+            )));
+        }
+        let n2 = 1 << steps;
+        let at = |n: usize| n * g_size + g;
+        Ok(Layout {
+            g_size,
+            g,
+            nodes,
+            node,
+            node_members: (0..g_size).map(|i| node * g_size + i).collect(),
+            rd_partners: if node < n2 {
+                (0..steps).map(|s| at(node ^ (1 << s))).collect()
+            } else {
+                vec![]
+            },
+            fold_partner: if node >= n2 {
+                Some(at(node - n2))
+            } else if node + n2 < nodes {
+                Some(at(node + n2))
+            } else {
+                None
+            },
+        })
+    }
+
+    fn steps(&self) -> usize {
+        self.nodes.ilog2() as usize
+    }
+
+    /// Slots per parity of the LL buffer (kernels/nvrar.cu: RS G, RD L, fold 2, AG G, stage L + 2).
+    fn slots(&self) -> usize {
+        2 * self.g_size + 2 * self.steps() + 4
+    }
+}
+
+/// The NVRAR communicator of this process.
+pub struct Nvrar {
+    // Field order is drop order: the module is unregistered, then the buffer freed, then the
+    // session (which the buffer also holds) finalised.
+    module: sys::CUmodule,
+    funcs: [sys::CUfunction; 3],
+    ll: SymmetricBuffer,
+    ctrl: sys::CUdeviceptr,
+    args: NvrarArgs,
+    layout: Layout,
+    blocks_cap: usize,
+    cfg: NvrarConfig,
+    session: Session,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: used by the one thread that owns the backend at a time, with its context current.
+unsafe impl Send for Nvrar {}
+
+fn cu(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Invalid(format!("nvrar: {what} failed: {e:?}"))
+}
+
+fn nv(e: nvshmem_sys::Error) -> Error {
+    Error::Invalid(format!("nvrar: {e}"))
+}
+
+/// Loads NVSHMEM and makes rank 0's unique id (other ranks call [`Nvrar::new`] with it).
+pub fn unique_id() -> Result<UniqueId> {
+    Nvshmem::load().and_then(|n| n.unique_id()).map_err(nv)
+}
+
+impl Nvrar {
+    /// Joins the NVSHMEM world (this process is PE `rank` of `world`, collective with every rank
+    /// of the job) and sets NVRAR up for `group`, the PEs of this rank's all-reduce group in
+    /// group order. `ctx` is the rank's GPU, current on this thread.
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        id: &UniqueId,
+        rank: usize,
+        world: usize,
+        group: &[usize],
+        cfg: NvrarConfig,
+    ) -> Result<Nvrar> {
+        let index = group
+            .iter()
+            .position(|&pe| pe == rank)
+            .ok_or_else(|| Error::Invalid(format!("nvrar: rank {rank} is not in its group {group:?}")))?;
+        let layout = Layout::new(index, group.len(), cfg.gpus_per_node)?;
+        if cfg.threads == 0 || cfg.threads % 32 != 0 || cfg.threads > 1024 {
+            return Err(Error::Invalid(format!(
+                "nvrar: {} threads per block; use a multiple of 32 up to 1024",
+                cfg.threads
+            )));
+        }
+        if cfg.max_blocks == 0 {
+            return Err(Error::Invalid("nvrar: max blocks must be at least 1".into()));
+        }
+        ctx.bind_to_thread().map_err(|e| cu("binding the context", e))?;
+        let nvshmem = Nvshmem::load().map_err(nv)?;
+        let session = nvshmem.init(id, rank, world).map_err(nv)?;
+
+        // The LL buffer: 2 parities x slots x slot_lines lines of 16 bytes.
+        let max_packs = cfg.max_bytes.div_ceil(8);
+        let slot_lines = max_packs.div_ceil(layout.g_size);
+        let bytes = 2 * layout.slots() * slot_lines * 16;
+        let ll = session.malloc(bytes).map_err(nv)?;
+        // SAFETY: `ll` holds `bytes` bytes on this GPU; zero flags are older than any epoch.
+        unsafe { drv::memset_d8_sync(ll.device_ptr(), 0, bytes) }.map_err(|e| cu("clearing the LL buffer", e))?;
+        // SAFETY: two words of device memory, freed in Drop.
+        let ctrl = unsafe { drv::malloc_sync(8) }.map_err(|e| cu("cuMemAlloc", e))?;
+        // SAFETY: `ctrl` holds 8 bytes.
+        unsafe { drv::memset_d8_sync(ctrl, 0, 8) }.map_err(|e| cu("cuMemset", e))?;
+        // Every PE's buffer is clear before any PE can write into it.
+        session.barrier_all();
+
+        let image = crate::kernels::cubin("nvrar").ok_or_else(|| {
+            Error::Invalid(
+                "nvrar: the kernel module 'nvrar' is not embedded in this build (build with --features cuda)".into(),
+            )
+        })?;
+        let mut owned = image.to_vec();
+        owned.push(0);
+        // SAFETY: a complete cubin built by build.rs, device-linked against NVSHMEM 3.4.5.
+        let module = unsafe { drv::module::load_data(owned.as_ptr() as *const c_void) }
+            .map_err(|e| cu("loading the 'nvrar' module (needs an sm_90 GPU)", e))?;
+        // SAFETY: `module` is live in this context and stays loaded until Drop unregisters it.
+        unsafe { session.register_module(module.cast()) }.map_err(nv)?;
+        let func = |name: &str| -> Result<sys::CUfunction> {
+            let c = CString::new(name).expect("no NUL");
+            // SAFETY: `module` is loaded.
+            unsafe { drv::module::get_function(module, c) }.map_err(|e| cu(&format!("finding kernel {name}"), e))
+        };
+        let funcs = [func("nvrar_bf16")?, func("nvrar_f16")?, func("nvrar_f32")?];
+
+        let addr = |member: usize| session.ptr(&ll, group[member]);
+        let mut args = NvrarArgs {
+            input: 0,
+            out: 0,
+            n: 0,
+            ll: ll.device_ptr(),
+            slot_lines: slot_lines as u64,
+            local_peer: [0; MAX_G],
+            rd_peer: [0; MAX_STEPS],
+            rd_pe: [-1; MAX_STEPS],
+            fold_peer: 0,
+            fold_pe: -1,
+            g_size: layout.g_size as i32,
+            g: layout.g as i32,
+            n_nodes: layout.nodes as i32,
+            node: layout.node as i32,
+            pad: 0,
+            ctrl,
+            timeout_ns: cfg.timeout.as_nanos().min(u64::MAX as u128) as u64,
+        };
+        for (i, &m) in layout.node_members.iter().enumerate() {
+            args.local_peer[i] = addr(m).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "nvrar: PE {} cannot load and store PE {}'s memory (no NVLink or PCIe peer access), but both are in one node \
+                     of the hierarchy; set --gpus-per-node to the GPUs that share a host",
+                    rank, group[m]
+                ))
+            })?;
+        }
+        let remote = |member: usize| if cfg.force_put { 0 } else { addr(member).unwrap_or(0) };
+        for (s, &m) in layout.rd_partners.iter().enumerate() {
+            args.rd_peer[s] = remote(m);
+            args.rd_pe[s] = group[m] as i32;
+        }
+        if let Some(m) = layout.fold_partner {
+            args.fold_peer = remote(m);
+            args.fold_pe = group[m] as i32;
+        }
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cu("cuDeviceGetAttribute", e))? as usize;
+        Ok(Nvrar {
+            module,
+            funcs,
+            ll,
+            ctrl,
+            args,
+            layout,
+            blocks_cap: cfg.max_blocks.min(sms),
+            cfg,
+            session,
+            ctx: ctx.clone(),
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn config(&self) -> &NvrarConfig {
+        &self.cfg
+    }
+
+    /// How this build of NVRAR runs, for provenance.
+    pub fn describe(&self) -> String {
+        format!(
+            "nvrar (NVSHMEM {}, {} node(s) x {} GPU(s), {} threads, <= {} blocks{})",
+            self.session.version(),
+            self.layout.nodes,
+            self.layout.g_size,
+            self.cfg.threads,
+            self.blocks_cap,
+            if self.cfg.force_put { ", puts forced" } else { "" }
+        )
+    }
+
+    /// Blocks for a message of `bytes`: one pack per thread of the shard, at most the cap.
+    pub fn blocks(&self, bytes: usize) -> usize {
+        let shard = bytes.div_ceil(8).div_ceil(self.layout.g_size);
+        shard.div_ceil(self.cfg.threads).clamp(1, self.blocks_cap)
+    }
+
+    /// Sums `n` elements of `ty` at `input` over the group into `out` (may equal `input`; both
+    /// 8-byte aligned device memory of this GPU), on `stream`. Every member must make the same
+    /// sequence of calls with the same sizes.
+    pub fn all_reduce(
+        &self,
+        input: sys::CUdeviceptr,
+        out: sys::CUdeviceptr,
+        n: usize,
+        ty: ElemType,
+        stream: sys::CUstream,
+        pdl: bool,
+    ) -> Result<()> {
+        if input % 8 != 0 || out % 8 != 0 {
+            return Err(Error::Invalid(format!(
+                "nvrar: buffers must be 8-byte aligned (input {input:#x}, output {out:#x})"
+            )));
+        }
+        let es = ty.bytes();
+        // Launches of at most max_bytes, each a whole number of 8-byte packs.
+        let chunk = (self.cfg.max_bytes / 8 * 8 / es).max(8 / es);
+        let f = self.funcs[ty as usize];
+        let mut done = 0;
+        while done < n {
+            let len = chunk.min(n - done);
+            let mut args = self.args;
+            args.input = input + (done * es) as u64;
+            args.out = out + (done * es) as u64;
+            args.n = len as u64;
+            let blocks = self.blocks(len * es) as u32;
+            let mut params = [&mut args as *mut NvrarArgs as *mut c_void];
+            // SAFETY: the single parameter is the kernel's NvrarArgs (same layout, checked size);
+            // every pointer in it is live device memory of this context.
+            unsafe {
+                crate::backend::launch_on(
+                    f,
+                    (blocks, 1, 1),
+                    (self.cfg.threads as u32, 1, 1),
+                    0,
+                    stream,
+                    pdl,
+                    &mut params,
+                )
+            }
+            .map_err(|e| cu("launching nvrar", e))?;
+            done += len;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Nvrar {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: no kernel of the module runs (the owner synchronised its stream), and it was
+        // registered with this session; then the module and the control words go.
+        unsafe {
+            let _ = self.session.unregister_module(self.module.cast());
+            let _ = drv::module::unload(self.module);
+            let _ = drv::free_sync(self.ctrl);
+        }
+        let _ = &self.ll;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts() {
+        // One node of 4.
+        let l = Layout::new(2, 4, 0).unwrap();
+        assert_eq!((l.g_size, l.g, l.nodes, l.node), (4, 2, 1, 0));
+        assert!(l.rd_partners.is_empty() && l.fold_partner.is_none());
+        // 2 virtual nodes of 2: member 3 is node 1, index 1; its partner is member 1.
+        let l = Layout::new(3, 4, 2).unwrap();
+        assert_eq!((l.g, l.node, l.node_members.clone()), (1, 1, vec![2, 3]));
+        assert_eq!(l.rd_partners, vec![1]);
+        // 3 nodes of 1: node 2 folds into node 0, which also does the one doubling step with 1.
+        let l = Layout::new(2, 3, 1).unwrap();
+        assert_eq!((l.rd_partners.clone(), l.fold_partner), (vec![], Some(0)));
+        let l = Layout::new(0, 3, 1).unwrap();
+        assert_eq!((l.rd_partners.clone(), l.fold_partner), (vec![1], Some(2)));
+        let l = Layout::new(1, 3, 1).unwrap();
+        assert_eq!((l.rd_partners.clone(), l.fold_partner), (vec![0], None));
+        // 6 nodes of 2: node 5 -> node 1; node 2 at steps 1, 2 pairs with nodes 3, 0 (members 7, 1 for g = 1).
+        let l = Layout::new(5, 12, 2).unwrap();
+        assert_eq!((l.node, l.rd_partners.clone()), (2, vec![7, 1]));
+        assert_eq!(Layout::new(11, 12, 2).unwrap().fold_partner, Some(3));
+        assert_eq!(l.slots(), 2 * 2 + 2 * 2 + 4);
+        let e = Layout::new(0, 6, 4).unwrap_err().to_string();
+        assert!(e.contains("does not divide"), "{e}");
+        assert!(Layout::new(0, 16, 16).is_err());
+    }
+}

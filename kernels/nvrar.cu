@@ -1,0 +1,329 @@
+// NVRAR: the hierarchical recursive-doubling all-reduce of shared/DESIGN.md, in one kernel.
+//
+// The group is N nodes of G GPUs (PE of node n, local index i: the host's table; on one machine
+// `--gpus-per-node` makes virtual nodes). A message of n elements is cut into 8-byte packs (4 bf16
+// or f16, 2 f32) and the packs into G shards of S packs; GPU i of a node owns shard i.
+//   1. reduce-scatter in the node: every GPU sends shard s of its input to GPU s, which sums the
+//      G contributions in f32 in local-index order (so every node's result is the same bits);
+//   2. recursive doubling among the GPUs of the same local index across nodes: at step s the
+//      partner is the node at distance 2^s; both send their shard and add (a + b is commutative,
+//      so both ends round the same value). Nodes beyond the largest power of two N2 <= N first
+//      fold their shard into node (n - N2) and get the result back at the end;
+//   3. all-gather in the node: the owner sends its finished shard to every GPU of the node.
+//
+// Data travels as NCCL-"LL"-style lines: a 16-byte line is {data0, flag, data1, flag}, written
+// with one 16-byte volatile store, and the flags are this call's epoch. A receiver polls the line
+// itself until both flags equal the epoch (8-byte words are never torn), so there is no separate
+// signal, fence or barrier, and no buffer is ever cleared: a stale line carries an older epoch.
+// Every slot exists twice (epoch parity). A GPU writes a parity-p slot of a peer again only in
+// call e + 2, after it has received the peer's data of call e + 1, which the peer sent after its
+// whole call-e kernel (and so every read of that slot) had finished: a fast rank can never
+// overwrite data a slow peer has not read. The epoch lives on the device (ctrl[0]; the last block
+// to finish a call advances it), so a call can be captured in a CUDA graph and replayed.
+//
+// Peers of the node are written through their NVLink addresses (nvshmem_ptr, found by the host).
+// A recursive-doubling partner without such an address (another node) gets its lines by
+// nvshmemx_putmem_nbi_warp from a staging slot of this PE's own symmetric buffer; the 8-byte words
+// of a put arrive whole, which is all the LL check needs. `--nvrar-put` forces that path on one
+// machine so that it is exercised there.
+//
+// Launch: grid = blocks (at most one wave: <= the SM count), block = threads (multiple of 32,
+// <= 1024), no dynamic shared memory. Block b, thread t handles packs j = (k * grid + b) * threads + t
+// of every shard, in every phase, so each dependency is within one thread. A thread that waits
+// longer than `timeout_ns` for a line prints which one and traps (the host sees a launch failure
+// and ends the job).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "common.cuh"
+
+#define NVRAR_MAX_G 8
+#define NVRAR_MAX_STEPS 16
+
+// Must match `NvrarArgs` in crates/yalis-cuda/src/nvrar.rs field for field (repr(C)).
+struct NvrarArgs {
+    const void *in;      // [n] elements, 8-byte aligned
+    void *out;           // [n] elements, 8-byte aligned; may equal `in`
+    u64 n;               // elements
+    uint4 *ll;           // this PE's LL buffer (symmetric): 2 parities x nslots x slot_lines lines
+    u64 slot_lines;      // lines per slot (>= S)
+    u64 local_peer[NVRAR_MAX_G];   // LL buffer of each GPU of the node, as this GPU addresses it
+    u64 rd_peer[NVRAR_MAX_STEPS];  // LL buffer of the step-s partner, 0: through nvshmem puts
+    int rd_pe[NVRAR_MAX_STEPS];    // its PE
+    u64 fold_peer;       // LL buffer of the fold partner (node +- N2), 0: through puts
+    int fold_pe;         // its PE (-1: none)
+    int G, g;            // GPUs per node, this GPU's local index
+    int N, node;         // nodes, this GPU's node
+    int pad;
+    unsigned *ctrl;      // [2] device words, zeroed once: the last finished epoch, arrivals
+    u64 timeout_ns;
+};
+
+// Slots of one parity (each slot_lines lines). L = log2(N2).
+__device__ __forceinline__ int slot_rs(int src) { return src; }
+__device__ __forceinline__ int slot_rd(int G, int s) { return G + s; }
+__device__ __forceinline__ int slot_fold_in(int G, int L) { return G + L; }
+__device__ __forceinline__ int slot_fold_out(int G, int L) { return G + L + 1; }
+__device__ __forceinline__ int slot_ag(int G, int L, int src) { return G + L + 2 + src; }
+// Staging slots for puts: RD step s, fold in (L), fold out (L + 1).
+__device__ __forceinline__ int slot_stage(int G, int L, int k) { return 2 * G + L + 2 + k; }
+__device__ __forceinline__ int nslots(int G, int L) { return 2 * G + 2 * L + 4; }
+
+__device__ __forceinline__ void st_line(uint4 *p, uint2 v, unsigned f) {
+    asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(f), "r"(v.y), "r"(f)
+                 : "memory");
+}
+
+__device__ __forceinline__ u64 now_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+struct Waiter {
+    u64 start, timeout;
+    const char *what;
+};
+
+// Polls the line until both flags are `f`; returns its 8 data bytes.
+__device__ __forceinline__ uint2 ld_line(const uint4 *p, unsigned f, const Waiter &w, int from, u64 j) {
+    uint4 x;
+    unsigned spins = 0;
+    while (true) {
+        asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+                     : "l"(p)
+                     : "memory");
+        if (x.y == f && x.w == f) break;
+        if ((++spins & 1023) == 0 && now_ns() - w.start > w.timeout) {
+            printf("yalis nvrar: PE %d timed out after %llu ms waiting for %s data from peer %d (pack %llu, epoch %u, "
+                   "line has %u/%u): a peer rank died, hung, or runs a different sequence of all-reduces\n",
+                   nvshmem_my_pe(), (unsigned long long)(w.timeout / 1000000), w.what, from, (unsigned long long)j, f,
+                   x.y, x.w);
+            __trap();
+        }
+    }
+    return make_uint2(x.x, x.z);
+}
+
+// Element types as raw bits: 0 bf16, 1 f16, 2 f32.
+template <int DT> struct Elem;
+template <> struct Elem<0> {
+    typedef unsigned short bits;
+    static __device__ __forceinline__ float to_f(bits b) { return __uint_as_float((unsigned)b << 16); }
+    static __device__ __forceinline__ bits from_f(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+};
+template <> struct Elem<1> {
+    typedef unsigned short bits;
+    static __device__ __forceinline__ float to_f(bits b) { return __half2float(__ushort_as_half(b)); }
+    static __device__ __forceinline__ bits from_f(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+template <> struct Elem<2> {
+    typedef unsigned bits;
+    static __device__ __forceinline__ float to_f(bits b) { return __uint_as_float(b); }
+    static __device__ __forceinline__ bits from_f(float f) { return __float_as_uint(f); }
+};
+
+template <int DT> struct Pack {
+    typedef typename Elem<DT>::bits bits;
+    static constexpr int E = 8 / sizeof(bits);
+    // Pack p of x[0..n): elements beyond n read as zero.
+    static __device__ __forceinline__ uint2 load(const void *x, u64 p, u64 n) {
+        const bits *e = static_cast<const bits *>(x) + p * E;
+        if ((p + 1) * E <= n) return *reinterpret_cast<const uint2 *>(e);
+        bits v[E];
+#pragma unroll
+        for (int i = 0; i < E; i++) v[i] = p * E + i < n ? e[i] : bits(0);
+        uint2 u;
+        memcpy(&u, v, 8);
+        return u;
+    }
+    static __device__ __forceinline__ void store(void *x, u64 p, u64 n, uint2 u) {
+        bits *e = static_cast<bits *>(x) + p * E;
+        if ((p + 1) * E <= n) {
+            *reinterpret_cast<uint2 *>(e) = u;
+            return;
+        }
+        bits v[E];
+        memcpy(v, &u, 8);
+#pragma unroll
+        for (int i = 0; i < E; i++)
+            if (p * E + i < n) e[i] = v[i];
+    }
+    static __device__ __forceinline__ void add(float (&acc)[E], uint2 u) {
+        bits v[E];
+        memcpy(v, &u, 8);
+#pragma unroll
+        for (int i = 0; i < E; i++) acc[i] += Elem<DT>::to_f(v[i]);
+    }
+    static __device__ __forceinline__ uint2 round(const float (&acc)[E]) {
+        bits v[E];
+#pragma unroll
+        for (int i = 0; i < E; i++) v[i] = Elem<DT>::from_f(acc[i]);
+        uint2 u;
+        memcpy(&u, v, 8);
+        return u;
+    }
+    // a + b in f32, rounded once (commutative: both ends of an exchange get the same bits).
+    static __device__ __forceinline__ uint2 sum2(uint2 a, uint2 b) {
+        float acc[E];
+#pragma unroll
+        for (int i = 0; i < E; i++) acc[i] = 0.f;
+        add(acc, a);
+        add(acc, b);
+        return round(acc);
+    }
+};
+
+// One LL line (pack j of a slot) to a peer: a direct store when the peer's buffer has an
+// address here, else staged in this PE's own buffer and put by the warp (every lane of the warp
+// calls this together; `ok` says whether this lane has a line).
+struct Sender {
+    uint4 *direct;   // the peer's slot (parity applied), or null
+    uint4 *stage;    // this PE's staging slot
+    uint4 *sym_dst;  // the slot's symmetric address (this PE's own), for the put
+    int pe;
+    u64 S;
+    __device__ __forceinline__ void send(u64 j, bool ok, uint2 v, unsigned f) const {
+        if (direct) {
+            if (ok) st_line(direct + j, v, f);
+            return;
+        }
+        if (ok) stage[j] = make_uint4(v.x, f, v.y, f);
+        __syncwarp();
+        u64 j0 = j - (threadIdx.x & 31);
+        if (j0 < S) {
+            u64 count = S - j0 < 32 ? S - j0 : 32;
+            __threadfence();
+            nvshmemx_putmem_nbi_warp(sym_dst + j0, stage + j0, count * sizeof(uint4), pe);
+        }
+    }
+};
+
+template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
+    typedef Pack<DT> P;
+    const u64 packs = (a.n + P::E - 1) / P::E;
+    const int G = a.G, g = a.g, N = a.N, node = a.node;
+    const int L = 31 - __clz(N), N2 = 1 << L, extra = N - N2;
+    const u64 S = (packs + G - 1) / G;
+    const u64 first = (u64)blockIdx.x * blockDim.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+
+    __shared__ unsigned s_epoch;
+    if (threadIdx.x == 0) s_epoch = *(volatile unsigned *)&a.ctrl[0] + 1;
+    __syncthreads();
+    const unsigned e = s_epoch;
+    const u64 parity = (u64)(e & 1) * nslots(G, L) * a.slot_lines;
+    uint4 *const mine = a.ll + parity;
+    auto slot = [&](uint4 *base, int i) { return base + (u64)i * a.slot_lines; };
+    auto peer = [&](u64 addr) { return addr ? reinterpret_cast<uint4 *>(addr) + parity : nullptr; };
+    auto valid = [&](int s, u64 j) { return j < S && (u64)s * S + j < packs; };
+    Waiter w{now_ns(), a.timeout_ns, ""};
+
+    // 1. Reduce-scatter: shard s of the input to GPU s.
+    if (G > 1) {
+        for (u64 j0 = first; j0 < S; j0 += stride) {
+            const u64 j = j0 + threadIdx.x;
+            for (int d = 1; d < G; d++) {
+                const int s = (g + d) % G;
+                if (valid(s, j)) st_line(slot(peer(a.local_peer[s]), slot_rs(g)) + j, P::load(a.in, s * S + j, a.n), e);
+            }
+        }
+    }
+    w.what = "reduce-scatter";
+    for (u64 j0 = first; j0 < S; j0 += stride) {
+        const u64 j = j0 + threadIdx.x;
+        if (!valid(g, j)) continue;
+        float acc[P::E];
+#pragma unroll
+        for (int i = 0; i < P::E; i++) acc[i] = 0.f;
+        for (int s = 0; s < G; s++)
+            P::add(acc, s == g ? P::load(a.in, g * S + j, a.n) : ld_line(slot(mine, slot_rs(s)) + j, e, w, s, j));
+        const uint2 r = P::round(acc);
+        P::store(a.out, g * S + j, a.n, r);
+        if (N == 1)  // one node: the all-gather starts as soon as a pack is summed
+            for (int d = 1; d < G; d++) st_line(slot(peer(a.local_peer[(g + d) % G]), slot_ag(G, L, g)) + j, r, e);
+    }
+
+    // 2. Recursive doubling across nodes, on this GPU's shard (kept in `out` between steps).
+    if (N > 1) {
+        auto receive = [&](int from_slot, int from, bool add, const char *what) {
+            w.what = what;
+            for (u64 j0 = first; j0 < S; j0 += stride) {
+                const u64 j = j0 + threadIdx.x;
+                if (!valid(g, j)) continue;
+                const uint2 got = ld_line(slot(mine, from_slot) + j, e, w, from, j);
+                P::store(a.out, g * S + j, a.n, add ? P::sum2(P::load(a.out, g * S + j, a.n), got) : got);
+            }
+        };
+        // This GPU's shard to a peer's slot `dst_slot` (through staging slot `stage` if it has
+        // no address here).
+        auto send = [&](u64 addr, int pe, int dst_slot, int stage) {
+            const Sender to{addr ? slot(peer(addr), dst_slot) : nullptr, slot(mine, slot_stage(G, L, stage)),
+                            slot(mine, dst_slot), pe, S};
+            for (u64 j0 = first; j0 < S; j0 += stride) {
+                const u64 j = j0 + threadIdx.x;
+                const bool ok = valid(g, j);
+                to.send(j, ok, ok ? P::load(a.out, g * S + j, a.n) : make_uint2(0, 0), e);
+            }
+        };
+        if (node >= N2) {
+            // Folded: give the shard to node - N2, take the result back.
+            send(a.fold_peer, a.fold_pe, slot_fold_in(G, L), L);
+            receive(slot_fold_out(G, L), a.fold_pe, false, "fold-out");
+        } else {
+            if (node < extra) receive(slot_fold_in(G, L), a.fold_pe, true, "fold-in");
+            for (int s = 0; s < L; s++) {
+                send(a.rd_peer[s], a.rd_pe[s], slot_rd(G, s), s);
+                receive(slot_rd(G, s), a.rd_pe[s], true, "recursive-doubling");
+            }
+            if (node < extra) send(a.fold_peer, a.fold_pe, slot_fold_out(G, L), L + 1);
+        }
+        // 3a. All-gather: the finished shard to every GPU of the node.
+        for (u64 j0 = first; j0 < S && G > 1; j0 += stride) {
+            const u64 j = j0 + threadIdx.x;
+            if (!valid(g, j)) continue;
+            const uint2 r = P::load(a.out, g * S + j, a.n);
+            for (int d = 1; d < G; d++) st_line(slot(peer(a.local_peer[(g + d) % G]), slot_ag(G, L, g)) + j, r, e);
+        }
+    }
+
+    // 3b. All-gather: every other shard from its owner.
+    w.what = "all-gather";
+    for (u64 j0 = first; j0 < S && G > 1; j0 += stride) {
+        const u64 j = j0 + threadIdx.x;
+        for (int d = 1; d < G; d++) {
+            const int s = (g + d) % G;
+            if (valid(s, j)) P::store(a.out, s * S + j, a.n, ld_line(slot(mine, slot_ag(G, L, s)) + j, e, w, s, j));
+        }
+    }
+
+    // The last block to finish makes this epoch the finished one (every block read it first).
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&a.ctrl[1], 1u) == gridDim.x - 1) {
+            a.ctrl[1] = 0;
+            *(volatile unsigned *)&a.ctrl[0] = e;
+            __threadfence();
+        }
+    }
+}
+
+// nvrar_<type>(NvrarArgs): see the top of this file for the launch.
+extern "C" __global__ void __launch_bounds__(1024) nvrar_bf16(const NvrarArgs a) {
+    pdl_wait();
+    nvrar<0>(a);
+}
+extern "C" __global__ void __launch_bounds__(1024) nvrar_f16(const NvrarArgs a) {
+    pdl_wait();
+    nvrar<1>(a);
+}
+extern "C" __global__ void __launch_bounds__(1024) nvrar_f32(const NvrarArgs a) {
+    pdl_wait();
+    nvrar<2>(a);
+}
