@@ -58,6 +58,19 @@ impl DeviceBuf {
     }
 }
 
+/// Device memory handed out by [`CudaBackend::raw_buffer`].
+pub struct RawBuffer(DeviceBuf);
+
+impl RawBuffer {
+    pub fn ptr(&self) -> sys::CUdeviceptr {
+        self.0.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.0.bytes
+    }
+}
+
 impl Drop for DeviceBuf {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
@@ -275,6 +288,25 @@ pub struct CudaBackend {
     pdl: std::cell::Cell<bool>,
     /// NCCL groups and this rank's PP stage, for TP x PP > 1.
     nccl: Option<(crate::nccl::NcclGroups, usize)>,
+    /// NVRAR for the TP all-reduce, and which all-reduce each message size uses.
+    nvrar: Option<crate::nvrar::Nvrar>,
+    policy: std::cell::Cell<AllReducePolicy>,
+}
+
+/// Which all-reduce a row-parallel output goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllReducePolicy {
+    Nccl,
+    Nvrar,
+    /// NVRAR up to this many bytes, NCCL above.
+    Auto { nvrar_max_bytes: usize },
+}
+
+/// One all-reduce implementation, for [`CudaBackend::all_reduce_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collective {
+    Nccl,
+    Nvrar,
 }
 
 /// Launches `f` on `stream`, with programmatic stream serialization when `pdl` (the kernel may
@@ -402,7 +434,92 @@ impl CudaBackend {
             gemv_on: std::cell::Cell::new(true),
             pdl: std::cell::Cell::new(std::env::var_os("YALIS_PDL").is_none_or(|v| v != "0")),
             nccl: None,
+            nvrar: None,
+            policy: std::cell::Cell::new(AllReducePolicy::Nccl),
         })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Hands the backend NVRAR and the policy that picks it per message size.
+    pub fn set_nvrar(&mut self, nvrar: crate::nvrar::Nvrar, policy: AllReducePolicy) {
+        self.nvrar = Some(nvrar);
+        self.policy.set(policy);
+    }
+
+    pub fn nvrar(&self) -> Option<&crate::nvrar::Nvrar> {
+        self.nvrar.as_ref()
+    }
+
+    /// Sums `n` elements of `ty` at `input` over the TP group into `out` with `which`.
+    pub fn all_reduce_with(
+        &self,
+        which: Collective,
+        input: sys::CUdeviceptr,
+        out: sys::CUdeviceptr,
+        n: usize,
+        ty: crate::nvrar::ElemType,
+    ) -> Result<()> {
+        let stream = self.stream.cu_stream();
+        match which {
+            Collective::Nccl => self.groups("all_reduce")?.0.all_reduce(input, out, n, ty, stream),
+            Collective::Nvrar => self
+                .nvrar
+                .as_ref()
+                .ok_or_else(|| Error::Invalid("cuda backend: NVRAR is not set up on this rank".into()))?
+                .all_reduce(input, out, n, ty, stream, self.pdl.get()),
+        }
+    }
+
+    /// The all-reduce the policy picks for a message of `bytes`.
+    pub fn collective_for(&self, bytes: usize) -> Collective {
+        match self.policy.get() {
+            AllReducePolicy::Nvrar => Collective::Nvrar,
+            AllReducePolicy::Auto { nvrar_max_bytes } if bytes <= nvrar_max_bytes && self.nvrar.is_some() => {
+                Collective::Nvrar
+            }
+            _ => Collective::Nccl,
+        }
+    }
+
+    /// Microseconds per call of `f` (enqueued work): with `graph`, `calls` calls captured into
+    /// one CUDA graph, the median of `reps` launches after one warm-up launch; without, the
+    /// median of `reps` eager batches of `calls` calls after one warm-up batch.
+    pub fn time_calls_us(&self, graph: bool, calls: usize, reps: usize, f: impl Fn() -> Result<()>) -> Result<f64> {
+        let calls = calls.max(1);
+        let ms = if graph {
+            self.stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(|e| cuda_err("cuStreamBeginCapture", e))?;
+            let captured = (0..calls).try_for_each(|_| f());
+            let g = self
+                .stream
+                .end_capture(sys::CUgraphInstantiate_flags(0))
+                .map_err(|e| cuda_err("cuStreamEndCapture", e))?;
+            captured?;
+            let g = g.ok_or_else(|| Error::Invalid("cuda: the captured calls are empty".into()))?;
+            g.upload().map_err(|e| cuda_err("cuGraphUpload", e))?;
+            self.time_ms(1, reps, || g.launch().map_err(|e| cuda_err("cuGraphLaunch", e)))?
+        } else {
+            self.time_ms(1, reps, || (0..calls).try_for_each(|_| f()))?
+        };
+        Ok(ms * 1e3 / calls as f64)
+    }
+
+    /// `bytes` of device memory for raw use (benchmarks), freed on drop.
+    pub fn raw_buffer(&self, bytes: usize) -> Result<RawBuffer> {
+        Ok(RawBuffer(DeviceBuf::new(&self.ctx, bytes)?))
+    }
+
+    pub fn upload_bytes(&self, dst: &RawBuffer, src: &[u8]) -> Result<()> {
+        self.htod(&dst.0, src)
+    }
+
+    pub fn download_bytes(&self, src: &RawBuffer, bytes: usize) -> Result<Vec<u8>> {
+        check("download_bytes", bytes <= src.0.bytes, || format!("{bytes} bytes of {}", src.0.bytes))?;
+        self.dtoh::<u8>(src.0.ptr, bytes)
     }
 
     /// Launches `f` on the stream; with programmatic dependent launch on, the kernel may start
@@ -1106,9 +1223,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         check("all_reduce", x.dtype == DType::Bf16, || format!("{:?} tensor", x.dtype))?;
-        self.groups("all_reduce")?
-            .0
-            .all_reduce_bf16(x.ptr, x.rows * x.cols, self.stream.cu_stream())
+        let n = x.rows * x.cols;
+        self.all_reduce_with(self.collective_for(2 * n), x.ptr, x.ptr, n, crate::nvrar::ElemType::Bf16)
     }
 
     fn all_gather_cols(&self, x: &CudaTensor, out: &mut CudaTensor) -> Result<()> {

@@ -10,6 +10,8 @@ use cudarc::nccl::{result as nccl, sys as nccl_sys};
 use yalis_core::RankPlan;
 use yalis_engine::{Error, Result};
 
+use crate::nvrar::ElemType;
+
 fn nccl_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Invalid(format!("nccl: {what} failed: {e:?}"))
 }
@@ -73,13 +75,30 @@ impl NcclGroups {
 
     /// In-place sum over the TP group of `n` bf16 elements at `ptr`.
     pub fn all_reduce_bf16(&self, ptr: sys::CUdeviceptr, n: usize, stream: sys::CUstream) -> Result<()> {
-        // SAFETY: `ptr` holds `n` bf16 elements on this rank's GPU; in place is allowed.
+        self.all_reduce(ptr, ptr, n, ElemType::Bf16, stream)
+    }
+
+    /// Sum over the TP group of `n` elements of `ty` at `input` into `out` (may be the same).
+    pub fn all_reduce(
+        &self,
+        input: sys::CUdeviceptr,
+        out: sys::CUdeviceptr,
+        n: usize,
+        ty: ElemType,
+        stream: sys::CUstream,
+    ) -> Result<()> {
+        let dt = match ty {
+            ElemType::Bf16 => nccl_sys::ncclDataType_t::ncclBfloat16,
+            ElemType::F16 => nccl_sys::ncclDataType_t::ncclFloat16,
+            ElemType::F32 => nccl_sys::ncclDataType_t::ncclFloat32,
+        };
+        // SAFETY: `input` and `out` hold `n` elements of `ty` on this rank's GPU.
         unsafe {
             nccl::all_reduce(
-                ptr as *const c_void,
-                ptr as *mut c_void,
+                input as *const c_void,
+                out as *mut c_void,
                 n,
-                nccl_sys::ncclDataType_t::ncclBfloat16,
+                dt,
                 nccl_sys::ncclRedOp_t::ncclSum,
                 self.tp,
                 Self::stream(stream),

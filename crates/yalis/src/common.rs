@@ -27,8 +27,40 @@ pub enum Device {
 pub enum AllReduce {
     Nccl,
     Nvrar,
-    /// NCCL on GPUs (per-size thresholds come with NVRAR); on the CPU, the host communicator.
+    /// On GPUs: NVRAR for messages up to AUTO_NVRAR_MAX_BYTES (the measured crossover), NCCL
+    /// above, and NCCL alone where NVSHMEM is missing or ranks are threads; on the CPU, the host
+    /// communicator.
     Auto,
+}
+
+/// `--allreduce auto` sends messages up to this size through NVRAR, larger ones through NCCL:
+/// the crossover measured on 4x H200 (benches/results/nvrar-2026-11-21/).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub const AUTO_NVRAR_MAX_BYTES: usize = 4 << 20;
+const AUTO_DESCRIPTION: &str = "auto (nvrar up to 4 MiB, nccl above)";
+
+/// NVRAR's hierarchy and tunables (`--allreduce nvrar|auto` on GPUs).
+#[derive(Args, Debug, Clone)]
+pub struct NvrarOpts {
+    /// GPUs per node of NVRAR's hierarchy (0: every GPU of the TP group is in one node). Smaller
+    /// than the real node runs the inter-node phase between virtual nodes on one machine.
+    #[arg(long, default_value_t = 0)]
+    pub gpus_per_node: usize,
+    /// NVRAR threads per block.
+    #[arg(long, default_value_t = yalis_default_nvrar().0)]
+    pub nvrar_threads: usize,
+    /// The most blocks an NVRAR call uses (capped at the SM count).
+    #[arg(long, default_value_t = yalis_default_nvrar().1)]
+    pub nvrar_blocks: usize,
+    /// Send to recursive-doubling partners through NVSHMEM puts even where NVLink reaches them
+    /// (the other-node path, exercised on one machine).
+    #[arg(long)]
+    pub nvrar_put: bool,
+}
+
+/// NVRAR's default (threads, max blocks): chosen by measurement (benches/NOTES.md, NVRAR).
+const fn yalis_default_nvrar() -> (usize, usize) {
+    (512, 32)
 }
 
 /// Model, weights and runtime options shared by the benchmark and `generate`.
@@ -76,6 +108,8 @@ pub struct ModelArgs {
     /// Rank 0's rendezvous port (default: MASTER_PORT, or one derived from the Slurm job id).
     #[arg(long)]
     pub master_port: Option<u16>,
+    #[command(flatten)]
+    pub nvrar: NvrarOpts,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -132,6 +166,22 @@ pub struct Runtime {
     pub cuda_graphs: bool,
     /// Per rank: (process, host), e.g. ("thread 3", "nid001") or ("pid 1234", "nid002").
     pub places: Vec<(String, String)>,
+    pub nvrar: NvrarOpts,
+    pub timeout: Duration,
+}
+
+impl Runtime {
+    #[cfg(feature = "cuda")]
+    pub fn nvrar_config(&self, max_bytes: usize) -> yalis_cuda::nvrar::NvrarConfig {
+        yalis_cuda::nvrar::NvrarConfig {
+            gpus_per_node: self.nvrar.gpus_per_node,
+            threads: self.nvrar.nvrar_threads,
+            max_blocks: self.nvrar.nvrar_blocks,
+            max_bytes,
+            force_put: self.nvrar.nvrar_put,
+            timeout: self.timeout,
+        }
+    }
 }
 
 /// What a rank's engine offers the subcommands, whatever its backend.
@@ -183,11 +233,14 @@ impl ModelArgs {
                 "--allreduce {} needs --device cuda; on the CPU the ranks all-reduce through the host communicator (use --allreduce auto)",
                 a.to_possible_value().expect("no skipped variants").get_name()
             ),
-            (AllReduce::Nvrar, _) => bail!(
-                "--allreduce nvrar: the NVRAR communicator is not in this build yet (use --allreduce nccl or auto)"
-            ),
             (_, _) if world == 1 => "none (one rank)",
-            (_, _) => "nccl",
+            (AllReduce::Nvrar, _) if self.ranks == RanksMode::Threads => bail!(
+                "--allreduce nvrar: NVSHMEM has one PE per process, so ranks cannot be threads; drop --ranks threads"
+            ),
+            (AllReduce::Nvrar, _) => "nvrar",
+            (AllReduce::Auto, _) if self.ranks == RanksMode::Threads => "nccl",
+            (AllReduce::Auto, _) => AUTO_DESCRIPTION,
+            (AllReduce::Nccl, _) => "nccl",
         };
         // Ranks as threads or self-started processes all sit on this node.
         if device == "cuda" && crate::launch::local_rank().is_none() && gpus.len() < world {
@@ -209,6 +262,8 @@ impl ModelArgs {
             places: (0..world)
                 .map(|r| (format!("thread {r}"), yalis_comm::hostname()))
                 .collect(),
+            nvrar: self.nvrar.clone(),
+            timeout: self.timeout(),
         })
     }
 
@@ -281,6 +336,8 @@ fn build_cuda(
         };
         let id = comms.world.all_gather_bytes(&id)?.swap_remove(0);
         b.set_nccl(yalis_cuda::nccl::NcclGroups::new(&id, rp)?, rp.pp_stage);
+        let max_bytes = (max_batch * model.config.hidden_size * 2).clamp(1 << 20, 16 << 20);
+        set_up_nvrar(&mut b, rp, comms.world.as_ref(), rt, max_bytes)?;
     }
     Ok(Box::new(load(
         b,
@@ -292,6 +349,49 @@ fn build_cuda(
         max_seq,
         rt.cuda_graphs,
     )?))
+}
+
+/// NVRAR for the TP all-reduce when the runtime asks for it: rank 0 makes the NVSHMEM unique id
+/// (under `auto`, an empty id when NVSHMEM cannot be loaded there, and every rank stays on NCCL).
+/// The TP group of this rank is the ranks of its stage, in TP order.
+#[cfg(feature = "cuda")]
+pub fn set_up_nvrar(
+    b: &mut yalis_cuda::backend::CudaBackend,
+    rp: &RankPlan,
+    world: &dyn yalis_comm::HostComm,
+    rt: &Runtime,
+    max_bytes: usize,
+) -> yalis_engine::Result<()> {
+    use yalis_cuda::backend::AllReducePolicy;
+    let policy = match rt.allreduce {
+        "nvrar" => AllReducePolicy::Nvrar,
+        AUTO_DESCRIPTION => AllReducePolicy::Auto {
+            nvrar_max_bytes: AUTO_NVRAR_MAX_BYTES,
+        },
+        _ => return Ok(()),
+    };
+    let id = if world.rank() == 0 {
+        match yalis_cuda::nvrar::unique_id() {
+            Ok(id) => id.to_vec(),
+            Err(e) if policy != AllReducePolicy::Nvrar => {
+                eprintln!("yalis: warning: --allreduce auto uses NCCL alone: {e}");
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        Vec::new()
+    };
+    let id = world.all_gather_bytes(&id)?.swap_remove(0);
+    let Ok(id) = <[u8; 128]>::try_from(id.as_slice()) else {
+        return Ok(());
+    };
+    let group: Vec<usize> = (0..rp.tp).map(|t| rp.pp_stage * rp.tp + t).collect();
+    let cfg = rt.nvrar_config(max_bytes);
+    let ctx = b.context().clone();
+    let nvrar = yalis_cuda::nvrar::Nvrar::new(&ctx, &id, rp.rank, world.size(), &group, cfg)?;
+    b.set_nvrar(nvrar, policy);
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -416,6 +516,11 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
             "world_size": plan.world_size(),
             "device": rt.device,
             "allreduce": rt.allreduce,
+            "nvrar": json!({
+                "gpus_per_node": rt.nvrar.gpus_per_node, "threads": rt.nvrar.nvrar_threads,
+                "max_blocks": rt.nvrar.nvrar_blocks, "force_put": rt.nvrar.nvrar_put,
+            }),
+            "comm_timeout_s": rt.timeout.as_secs(),
             "ranks": plan.ranks.iter().map(|r| json!({
                 "rank": r.rank, "pp_stage": r.pp_stage, "tp_rank": r.tp_rank,
                 "layers": [r.layers.start, r.layers.end], "device": rt.devices[r.rank],

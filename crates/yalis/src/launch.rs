@@ -92,19 +92,35 @@ impl<R> RankResults<R> {
     }
 }
 
+/// The number of processes a launcher (srun, mpirun, RANK/WORLD_SIZE, --world-size) started
+/// for this job, when one did and it is more than one.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn launched_world(args: &ModelArgs) -> Option<usize> {
+    let explicit = explicit(args);
+    Bootstrap::detect_from(&explicit, |k| std::env::var(k).ok())
+        .ok()
+        .flatten()
+        .map(|b| b.world_size)
+        .filter(|&w| w > 1)
+}
+
+fn explicit(args: &ModelArgs) -> Explicit {
+    Explicit {
+        rank: args.rank,
+        world_size: args.world_size,
+        local_rank: args.local_rank,
+        master_addr: args.master_addr.clone(),
+        master_port: args.master_port,
+    }
+}
+
 impl Launch {
     /// Finds out how this job's ranks run. Under a launcher, every layout in `layouts` must have
     /// as many ranks as the launcher started (checked before anything else); then the
     /// rendezvous runs and the mesh comes up.
     pub fn new(args: &ModelArgs, layouts: &[(usize, usize)]) -> Result<Launch> {
         let timeout = args.timeout();
-        let explicit = Explicit {
-            rank: args.rank,
-            world_size: args.world_size,
-            local_rank: args.local_rank,
-            master_addr: args.master_addr.clone(),
-            master_port: args.master_port,
-        };
+        let explicit = explicit(args);
         let local = Launch {
             mode: Mode::Local {
                 spawn: args.ranks == RanksMode::Processes,

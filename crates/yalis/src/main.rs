@@ -1,6 +1,7 @@
 //! `yalis`: the batch-latency benchmark (no subcommand), `generate`, `plan` and `info`.
 
 mod bench;
+mod bench_allreduce;
 mod common;
 mod generate;
 mod info;
@@ -29,6 +30,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print each rank's shards and memory, and whether it fits.
     Plan(plan::PlanArgs),
+    /// Time and check the all-reduce backends (NCCL, NVRAR) over a sweep of message sizes.
+    BenchAllreduce(bench_allreduce::AllReduceArgs),
     /// Print the version, build features, embedded kernels, and the GPUs and CUDA libraries found.
     Info,
 }
@@ -43,6 +46,7 @@ fn main() {
         None => bench::run(cli.bench),
         Some(Command::Generate(a)) => generate::run(a),
         Some(Command::Plan(a)) => plan::run(a),
+        Some(Command::BenchAllreduce(a)) => bench_allreduce::run(a),
         Some(Command::Info) => info::run(),
     };
     if let Err(e) = result.and_then(|()| launch::finish()) {
