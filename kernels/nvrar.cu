@@ -27,8 +27,12 @@
 // of a put arrive whole, which is all the LL check needs. `--nvrar-put` forces that path on one
 // machine so that it is exercised there.
 //
+// One-shot (one node, small messages): instead of reduce-scatter + all-gather (two trips over
+// NVLink), every GPU sends its whole input to every other GPU and each sums all G inputs in
+// local-index order, so every GPU rounds the same value. Half the latency, G/2 times the bytes.
+//
 // Launch: grid = blocks (at most one wave: <= the SM count), block = threads (multiple of 32,
-// <= 1024), no dynamic shared memory. Block b, thread t handles packs j = (k * grid + b) * threads + t
+// <= 512), no dynamic shared memory. Block b, thread t handles packs j = (k * grid + b) * threads + t
 // of every shard, in every phase, so each dependency is within one thread. A thread that waits
 // longer than `timeout_ns` for a line prints which one and traps (the host sees a launch failure
 // and ends the job).
@@ -43,6 +47,8 @@
 
 #define NVRAR_MAX_G 8
 #define NVRAR_MAX_STEPS 16
+// Flags per (parity, phase, source): one per block, so at most this many blocks.
+#define NVRAR_FLAG_BLOCKS 256
 
 // Must match `NvrarArgs` in crates/yalis-cuda/src/nvrar.rs field for field (repr(C)).
 struct NvrarArgs {
@@ -58,9 +64,10 @@ struct NvrarArgs {
     int fold_pe;         // its PE (-1: none)
     int G, g;            // GPUs per node, this GPU's local index
     int N, node;         // nodes, this GPU's node
-    int pad;
+    int oneshot;         // 1: one node, and the message fits the one-shot slots: see below
     unsigned *ctrl;      // [2] device words, zeroed once: the last finished epoch, arrivals
     u64 timeout_ns;
+    u64 os_lines;        // lines per one-shot slot (after the 2 parities of the main slots)
 };
 
 // Slots of one parity (each slot_lines lines). L = log2(N2).
@@ -72,6 +79,7 @@ __device__ __forceinline__ int slot_ag(int G, int L, int src) { return G + L + 2
 // Staging slots for puts: RD step s, fold in (L), fold out (L + 1).
 __device__ __forceinline__ int slot_stage(int G, int L, int k) { return 2 * G + L + 2 + k; }
 __device__ __forceinline__ int nslots(int G, int L) { return 2 * G + 2 * L + 4; }
+// One-shot slots (one per source, os_lines lines each) follow the main slots of both parities.
 
 __device__ __forceinline__ void st_line(uint4 *p, uint2 v, unsigned f) {
     asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(f), "r"(v.y), "r"(f)
@@ -89,8 +97,9 @@ struct Waiter {
     const char *what;
 };
 
-// Polls the line until both flags are `f`; returns its 8 data bytes.
-__device__ __forceinline__ uint2 ld_line(const uint4 *p, unsigned f, const Waiter &w, int from, u64 j) {
+// Polls the line until both flags are `f`; returns its 8 data bytes. Out of line: it is the slow
+// path (the data was not there at the first look), and its timeout report is large.
+__device__ __noinline__ uint2 ld_line(const uint4 *p, unsigned f, const Waiter &w, int from, u64 j) {
     uint4 x;
     unsigned spins = 0;
     while (true) {
@@ -108,6 +117,56 @@ __device__ __forceinline__ uint2 ld_line(const uint4 *p, unsigned f, const Waite
         }
     }
     return make_uint2(x.x, x.z);
+}
+
+__device__ __forceinline__ uint4 ld_volatile(const uint4 *p) {
+    uint4 x;
+    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+                 : "l"(p)
+                 : "memory");
+    return x;
+}
+
+// Line j of slot `s` (slot0 + s * slot_lines) for every source s != g: all loads are issued
+// before any wait, then each late line is polled on its own.
+__device__ __forceinline__ void ld_lines(uint2 (&v)[NVRAR_MAX_G], const uint4 *slot0, u64 slot_lines, u64 j, int G,
+                                         int g, unsigned f, const Waiter &w) {
+    uint4 x[NVRAR_MAX_G];
+#pragma unroll
+    for (int s = 0; s < NVRAR_MAX_G; s++)
+        if (s < G && s != g) x[s] = ld_volatile(slot0 + s * slot_lines + j);
+#pragma unroll
+    for (int s = 0; s < NVRAR_MAX_G; s++) {
+        if (s < G && s != g) {
+            if (x[s].y != f || x[s].w != f) {
+                const uint2 got = ld_line(slot0 + s * slot_lines + j, f, w, s, j);
+                x[s].x = got.x;
+                x[s].z = got.y;
+            }
+            v[s] = make_uint2(x[s].x, x[s].z);
+        }
+    }
+}
+
+__device__ __forceinline__ void st_release_sys(unsigned *p, unsigned v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Waits until the flag is `f` (acquire: the data stored before its release is visible after).
+__device__ __noinline__ void wait_flag(const unsigned *p, unsigned f, const Waiter &w, const char *what, int from) {
+    unsigned spins = 0;
+    while (true) {
+        unsigned v;
+        asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+        if (v == f) return;
+        if ((++spins & 1023) == 0 && now_ns() - w.start > w.timeout) {
+            printf("yalis nvrar: PE %d timed out after %llu ms waiting for the %s flag of local GPU %d (epoch %u, flag "
+                   "%u): a peer rank died, hung, or runs a different sequence of all-reduces\n",
+                   nvshmem_my_pe(), (unsigned long long)(w.timeout / 1000000), what, from, f, v);
+            __trap();
+        }
+    }
 }
 
 // Element types as raw bits: 0 bf16, 1 f16, 2 f32.
@@ -204,6 +263,19 @@ struct Sender {
     }
 };
 
+// The last block to finish makes epoch `e` the finished one (every block read it first).
+__device__ __forceinline__ void finish(const NvrarArgs &a, unsigned e) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&a.ctrl[1], 1u) == gridDim.x - 1) {
+            a.ctrl[1] = 0;
+            *(volatile unsigned *)&a.ctrl[0] = e;
+            __threadfence();
+        }
+    }
+}
+
 template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
     typedef Pack<DT> P;
     const u64 packs = (a.n + P::E - 1) / P::E;
@@ -223,18 +295,78 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
     auto peer = [&](u64 addr) { return addr ? reinterpret_cast<uint4 *>(addr) + parity : nullptr; };
     auto valid = [&](int s, u64 j) { return j < S && (u64)s * S + j < packs; };
     Waiter w{now_ns(), a.timeout_ns, ""};
+    // Sum, in local-index order, of `own` (this GPU's pack) and line j of every other source's slot.
+    auto sum_sources = [&](const uint4 *slot0, u64 lines, u64 j, uint2 own) {
+        uint2 v[NVRAR_MAX_G];
+        ld_lines(v, slot0, lines, j, G, g, e, w);
+        float acc[P::E];
+#pragma unroll
+        for (int i = 0; i < P::E; i++) acc[i] = 0.f;
+#pragma unroll
+        for (int s = 0; s < NVRAR_MAX_G; s++)
+            if (s < G) P::add(acc, s == g ? own : v[s]);
+        return P::round(acc);
+    };
 
-    // 1. Reduce-scatter: shard s of the input to GPU s.
+    if (a.oneshot) {
+        // Every pack of the input to every GPU of the node, then the sum of all of them.
+        uint4 *const os = a.ll + 2 * (u64)nslots(G, L) * a.slot_lines;
+        const u64 os_parity = (u64)(e & 1) * G * a.os_lines;
+        auto os_peer = [&](int s) {
+            return reinterpret_cast<uint4 *>(a.local_peer[s]) + 2 * (u64)nslots(G, L) * a.slot_lines + os_parity;
+        };
+        for (u64 j0 = first; j0 < packs; j0 += stride) {
+            const u64 j = j0 + threadIdx.x;
+            if (j >= packs) continue;
+            const uint2 v = P::load(a.in, j, a.n);
+            for (int d = 1; d < G; d++) st_line(os_peer((g + d) % G) + (u64)g * a.os_lines + j, v, e);
+        }
+        w.what = "one-shot";
+        for (u64 j0 = first; j0 < packs; j0 += stride) {
+            const u64 j = j0 + threadIdx.x;
+            if (j >= packs) continue;
+            P::store(a.out, j, a.n, sum_sources(os + os_parity, a.os_lines, j, P::load(a.in, j, a.n)));
+        }
+        finish(a, e);
+        return;
+    }
+
+    // Block flags of the node phases (after the one-shot slots): [parity][phase][source][block].
+    unsigned *const flags0 = reinterpret_cast<unsigned *>(a.ll + 2 * ((u64)nslots(G, L) * a.slot_lines + G * a.os_lines));
+    auto flag = [&](unsigned *base, int phase, int src) {
+        return base + ((u64)((e & 1) * 2 + phase) * G + src) * NVRAR_FLAG_BLOCKS + blockIdx.x;
+    };
+    auto peer_flags = [&](int s) {
+        return reinterpret_cast<unsigned *>(reinterpret_cast<uint4 *>(a.local_peer[s]) +
+                                            2 * ((u64)nslots(G, L) * a.slot_lines + G * a.os_lines));
+    };
+    // After this block's data for a phase is stored to the node's GPUs: thread s tells GPU s.
+    auto signal = [&](int phase) {
+        __syncthreads();
+        const int s = threadIdx.x;
+        if (s < G && s != g) st_release_sys(flag(peer_flags(s), phase, g), e);
+    };
+    // Before this block reads a phase's data: thread s waits for GPU s's flag of this block.
+    auto await = [&](int phase, const char *what) {
+        const int s = threadIdx.x;
+        if (s < G && s != g) wait_flag(flag(flags0, phase, s), e, w, what, s);
+        __syncthreads();
+    };
+    // Pack j of source s's plain data in this GPU's slot `i` / in GPU d's.
+    auto plain = [&](uint4 *base, int i) { return reinterpret_cast<uint2 *>(slot(base, i)); };
+
+    // 1. Reduce-scatter: shard s of the input to GPU s, as plain data, then a flag per block.
     if (G > 1) {
         for (u64 j0 = first; j0 < S; j0 += stride) {
             const u64 j = j0 + threadIdx.x;
             for (int d = 1; d < G; d++) {
                 const int s = (g + d) % G;
-                if (valid(s, j)) st_line(slot(peer(a.local_peer[s]), slot_rs(g)) + j, P::load(a.in, s * S + j, a.n), e);
+                if (valid(s, j)) plain(peer(a.local_peer[s]), slot_rs(g))[j] = P::load(a.in, s * S + j, a.n);
             }
         }
+        signal(0);
+        await(0, "reduce-scatter");
     }
-    w.what = "reduce-scatter";
     for (u64 j0 = first; j0 < S; j0 += stride) {
         const u64 j = j0 + threadIdx.x;
         if (!valid(g, j)) continue;
@@ -242,11 +374,11 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
 #pragma unroll
         for (int i = 0; i < P::E; i++) acc[i] = 0.f;
         for (int s = 0; s < G; s++)
-            P::add(acc, s == g ? P::load(a.in, g * S + j, a.n) : ld_line(slot(mine, slot_rs(s)) + j, e, w, s, j));
+            P::add(acc, s == g ? P::load(a.in, g * S + j, a.n) : __ldcg(plain(mine, slot_rs(s)) + j));
         const uint2 r = P::round(acc);
         P::store(a.out, g * S + j, a.n, r);
-        if (N == 1)  // one node: the all-gather starts as soon as a pack is summed
-            for (int d = 1; d < G; d++) st_line(slot(peer(a.local_peer[(g + d) % G]), slot_ag(G, L, g)) + j, r, e);
+        if (N == 1)  // one node: the all-gather data goes out as soon as a pack is summed
+            for (int d = 1; d < G; d++) plain(peer(a.local_peer[(g + d) % G]), slot_ag(G, L, g))[j] = r;
     }
 
     // 2. Recursive doubling across nodes, on this GPU's shard (kept in `out` between steps).
@@ -288,42 +420,42 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
             const u64 j = j0 + threadIdx.x;
             if (!valid(g, j)) continue;
             const uint2 r = P::load(a.out, g * S + j, a.n);
-            for (int d = 1; d < G; d++) st_line(slot(peer(a.local_peer[(g + d) % G]), slot_ag(G, L, g)) + j, r, e);
+            for (int d = 1; d < G; d++) plain(peer(a.local_peer[(g + d) % G]), slot_ag(G, L, g))[j] = r;
         }
     }
 
     // 3b. All-gather: every other shard from its owner.
-    w.what = "all-gather";
-    for (u64 j0 = first; j0 < S && G > 1; j0 += stride) {
-        const u64 j = j0 + threadIdx.x;
-        for (int d = 1; d < G; d++) {
-            const int s = (g + d) % G;
-            if (valid(s, j)) P::store(a.out, s * S + j, a.n, ld_line(slot(mine, slot_ag(G, L, s)) + j, e, w, s, j));
+    if (G > 1) {
+        signal(1);
+        await(1, "all-gather");
+        for (u64 j0 = first; j0 < S; j0 += stride) {
+            const u64 j = j0 + threadIdx.x;
+            for (int d = 1; d < G; d++) {
+                const int s = (g + d) % G;
+                if (valid(s, j)) P::store(a.out, s * S + j, a.n, __ldcg(plain(mine, slot_ag(G, L, s)) + j));
+            }
         }
     }
-
-    // The last block to finish makes this epoch the finished one (every block read it first).
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(&a.ctrl[1], 1u) == gridDim.x - 1) {
-            a.ctrl[1] = 0;
-            *(volatile unsigned *)&a.ctrl[0] = e;
-            __threadfence();
-        }
-    }
+    finish(a, e);
 }
+
+// The next kernel may be scheduled now (its blocks wait in their own pdl_wait for this grid to
+// finish and flush): the launch latency hides behind the all-reduce.
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
 // nvrar_<type>(NvrarArgs): see the top of this file for the launch.
-extern "C" __global__ void __launch_bounds__(1024) nvrar_bf16(const NvrarArgs a) {
+extern "C" __global__ void __launch_bounds__(512) nvrar_bf16(const NvrarArgs a) {
     pdl_wait();
+    pdl_launch_dependents();
     nvrar<0>(a);
 }
-extern "C" __global__ void __launch_bounds__(1024) nvrar_f16(const NvrarArgs a) {
+extern "C" __global__ void __launch_bounds__(512) nvrar_f16(const NvrarArgs a) {
     pdl_wait();
+    pdl_launch_dependents();
     nvrar<1>(a);
 }
-extern "C" __global__ void __launch_bounds__(1024) nvrar_f32(const NvrarArgs a) {
+extern "C" __global__ void __launch_bounds__(512) nvrar_f32(const NvrarArgs a) {
     pdl_wait();
+    pdl_launch_dependents();
     nvrar<2>(a);
 }

@@ -18,6 +18,8 @@ use yalis_engine::{Error, Result};
 
 const MAX_G: usize = 8;
 const MAX_STEPS: usize = 16;
+/// kernels/nvrar.cu's NVRAR_FLAG_BLOCKS: the most blocks a call may use.
+const FLAG_BLOCKS: usize = 256;
 
 /// The kernel's parameter block; must match `struct NvrarArgs` in kernels/nvrar.cu.
 #[repr(C)]
@@ -37,12 +39,13 @@ struct NvrarArgs {
     g: i32,
     n_nodes: i32,
     node: i32,
-    pad: i32,
+    oneshot: i32,
     ctrl: u64,
     timeout_ns: u64,
+    os_lines: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<NvrarArgs>() == 344);
+const _: () = assert!(std::mem::size_of::<NvrarArgs>() == 352);
 
 /// Element types the kernel sums (in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,12 +78,15 @@ pub struct NvrarConfig {
     /// GPUs per node of the hierarchy (consecutive group members); smaller than the real node
     /// makes virtual nodes on one machine. 0: the whole group is one node.
     pub gpus_per_node: usize,
-    /// Threads per block (a multiple of 32, at most 1024).
+    /// Threads per block (a multiple of 32, at most 512: the kernels keep 8 peers' lines in registers).
     pub threads: usize,
     /// The most blocks a call uses (capped at the GPU's SM count: one wave).
     pub max_blocks: usize,
     /// The largest message of one launch; longer ones run as several calls. Sizes the LL buffer.
     pub max_bytes: usize,
+    /// With one node: messages up to this size go one-shot (every GPU sends all of its input to
+    /// every other and sums all of them) instead of reduce-scatter + all-gather. 0: never.
+    pub oneshot_max_bytes: usize,
     /// Send to recursive-doubling partners through NVSHMEM puts even when they have an NVLink
     /// address (exercises the other-node path on one machine).
     pub force_put: bool,
@@ -95,6 +101,7 @@ impl Default for NvrarConfig {
             threads: 512,
             max_blocks: 32,
             max_bytes: 16 << 20,
+            oneshot_max_bytes: 256 << 10,
             force_put: false,
             timeout: Duration::from_secs(60),
         }
@@ -184,6 +191,8 @@ pub struct Nvrar {
     args: NvrarArgs,
     layout: Layout,
     blocks_cap: usize,
+    /// Messages up to this many bytes go one-shot (0: none).
+    oneshot_max: usize,
     cfg: NvrarConfig,
     session: Session,
     ctx: Arc<CudaContext>,
@@ -222,9 +231,9 @@ impl Nvrar {
             .position(|&pe| pe == rank)
             .ok_or_else(|| Error::Invalid(format!("nvrar: rank {rank} is not in its group {group:?}")))?;
         let layout = Layout::new(index, group.len(), cfg.gpus_per_node)?;
-        if cfg.threads == 0 || cfg.threads % 32 != 0 || cfg.threads > 1024 {
+        if cfg.threads == 0 || cfg.threads % 32 != 0 || cfg.threads > 512 {
             return Err(Error::Invalid(format!(
-                "nvrar: {} threads per block; use a multiple of 32 up to 1024",
+                "nvrar: {} threads per block; use a multiple of 32 up to 512",
                 cfg.threads
             )));
         }
@@ -238,7 +247,14 @@ impl Nvrar {
         // The LL buffer: 2 parities x slots x slot_lines lines of 16 bytes.
         let max_packs = cfg.max_bytes.div_ceil(8);
         let slot_lines = max_packs.div_ceil(layout.g_size);
-        let bytes = 2 * layout.slots() * slot_lines * 16;
+        let oneshot_max = if layout.nodes == 1 && layout.g_size > 1 {
+            cfg.oneshot_max_bytes.min(cfg.max_bytes)
+        } else {
+            0
+        };
+        let os_lines = oneshot_max.div_ceil(8);
+        // Then the node phases' block flags: [parity][phase][source][FLAG_BLOCKS] u32.
+        let bytes = 2 * (layout.slots() * slot_lines + layout.g_size * os_lines) * 16 + 4 * layout.g_size * FLAG_BLOCKS * 4;
         let ll = session.malloc(bytes).map_err(nv)?;
         // SAFETY: `ll` holds `bytes` bytes on this GPU; zero flags are older than any epoch.
         unsafe { drv::memset_d8_sync(ll.device_ptr(), 0, bytes) }.map_err(|e| cu("clearing the LL buffer", e))?;
@@ -284,9 +300,10 @@ impl Nvrar {
             g: layout.g as i32,
             n_nodes: layout.nodes as i32,
             node: layout.node as i32,
-            pad: 0,
+            oneshot: 0,
             ctrl,
             timeout_ns: cfg.timeout.as_nanos().min(u64::MAX as u128) as u64,
+            os_lines: os_lines as u64,
         };
         for (i, &m) in layout.node_members.iter().enumerate() {
             args.local_peer[i] = addr(m).ok_or_else(|| {
@@ -316,7 +333,8 @@ impl Nvrar {
             ctrl,
             args,
             layout,
-            blocks_cap: cfg.max_blocks.min(sms),
+            blocks_cap: cfg.max_blocks.min(sms).min(FLAG_BLOCKS),
+            oneshot_max,
             cfg,
             session,
             ctx: ctx.clone(),
@@ -334,20 +352,23 @@ impl Nvrar {
     /// How this build of NVRAR runs, for provenance.
     pub fn describe(&self) -> String {
         format!(
-            "nvrar (NVSHMEM {}, {} node(s) x {} GPU(s), {} threads, <= {} blocks{})",
+            "nvrar (NVSHMEM {}, {} node(s) x {} GPU(s), {} threads, <= {} blocks, one-shot <= {} KiB{})",
             self.session.version(),
             self.layout.nodes,
             self.layout.g_size,
             self.cfg.threads,
             self.blocks_cap,
+            self.oneshot_max >> 10,
             if self.cfg.force_put { ", puts forced" } else { "" }
         )
     }
 
-    /// Blocks for a message of `bytes`: one pack per thread of the shard, at most the cap.
+    /// Blocks for a message of `bytes`: one pack per thread (of the shard, or of the whole
+    /// message one-shot), at most the cap.
     pub fn blocks(&self, bytes: usize) -> usize {
-        let shard = bytes.div_ceil(8).div_ceil(self.layout.g_size);
-        shard.div_ceil(self.cfg.threads).clamp(1, self.blocks_cap)
+        let packs = bytes.div_ceil(8);
+        let per_gpu = if bytes <= self.oneshot_max { packs } else { packs.div_ceil(self.layout.g_size) };
+        per_gpu.div_ceil(self.cfg.threads).clamp(1, self.blocks_cap)
     }
 
     /// Sums `n` elements of `ty` at `input` over the group into `out` (may equal `input`; both
@@ -378,6 +399,7 @@ impl Nvrar {
             args.input = input + (done * es) as u64;
             args.out = out + (done * es) as u64;
             args.n = len as u64;
+            args.oneshot = i32::from(len * es <= self.oneshot_max);
             let blocks = self.blocks(len * es) as u32;
             let mut params = [&mut args as *mut NvrarArgs as *mut c_void];
             // SAFETY: the single parameter is the kernel's NvrarArgs (same layout, checked size);

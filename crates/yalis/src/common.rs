@@ -52,6 +52,10 @@ pub struct NvrarOpts {
     /// The most blocks an NVRAR call uses (capped at the SM count).
     #[arg(long, default_value_t = yalis_default_nvrar().1)]
     pub nvrar_blocks: usize,
+    /// With one node, NVRAR sends messages up to this many bytes one-shot (every GPU's whole
+    /// input to every other) instead of reduce-scatter + all-gather; 0 turns it off.
+    #[arg(long, default_value_t = yalis_default_nvrar().2, value_parser = crate::bench_allreduce::parse_size)]
+    pub nvrar_oneshot_bytes: usize,
     /// Send to recursive-doubling partners through NVSHMEM puts even where NVLink reaches them
     /// (the other-node path, exercised on one machine).
     #[arg(long)]
@@ -59,8 +63,8 @@ pub struct NvrarOpts {
 }
 
 /// NVRAR's default (threads, max blocks): chosen by measurement (benches/NOTES.md, NVRAR).
-const fn yalis_default_nvrar() -> (usize, usize) {
-    (512, 32)
+const fn yalis_default_nvrar() -> (usize, usize, usize) {
+    (512, 32, 256 << 10)
 }
 
 /// Model, weights and runtime options shared by the benchmark and `generate`.
@@ -178,6 +182,7 @@ impl Runtime {
             threads: self.nvrar.nvrar_threads,
             max_blocks: self.nvrar.nvrar_blocks,
             max_bytes,
+            oneshot_max_bytes: self.nvrar.nvrar_oneshot_bytes,
             force_put: self.nvrar.nvrar_put,
             timeout: self.timeout,
         }
@@ -518,7 +523,7 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
             "allreduce": rt.allreduce,
             "nvrar": json!({
                 "gpus_per_node": rt.nvrar.gpus_per_node, "threads": rt.nvrar.nvrar_threads,
-                "max_blocks": rt.nvrar.nvrar_blocks, "force_put": rt.nvrar.nvrar_put,
+                "max_blocks": rt.nvrar.nvrar_blocks, "oneshot_bytes": rt.nvrar.nvrar_oneshot_bytes, "force_put": rt.nvrar.nvrar_put,
             }),
             "comm_timeout_s": rt.timeout.as_secs(),
             "ranks": plan.ranks.iter().map(|r| json!({
