@@ -99,7 +99,7 @@ impl Default for NvrarConfig {
         NvrarConfig {
             gpus_per_node: 0,
             threads: 512,
-            max_blocks: 32,
+            max_blocks: 128,
             max_bytes: 16 << 20,
             oneshot_max_bytes: 256 << 10,
             force_put: false,

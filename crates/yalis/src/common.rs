@@ -64,7 +64,7 @@ pub struct NvrarOpts {
 
 /// NVRAR's default (threads, max blocks): chosen by measurement (benches/NOTES.md, NVRAR).
 const fn yalis_default_nvrar() -> (usize, usize, usize) {
-    (512, 32, 256 << 10)
+    (512, 128, 256 << 10)
 }
 
 /// Model, weights and runtime options shared by the benchmark and `generate`.
@@ -341,7 +341,9 @@ fn build_cuda(
         };
         let id = comms.world.all_gather_bytes(&id)?.swap_remove(0);
         b.set_nccl(yalis_cuda::nccl::NcclGroups::new(&id, rp)?, rp.pp_stage);
-        let max_bytes = (max_batch * model.config.hidden_size * 2).clamp(1 << 20, 16 << 20);
+        // NVRAR's buffer takes a whole prefill message up to 16 MiB in one launch (longer
+        // ones are cut into 16 MiB calls).
+        let max_bytes = (max_tokens * model.config.hidden_size * 2).clamp(1 << 20, 16 << 20);
         set_up_nvrar(&mut b, rp, comms.world.as_ref(), rt, max_bytes)?;
     }
     Ok(Box::new(load(
