@@ -6,14 +6,14 @@
 #   - NVRAR as virtual nodes of 2 GPUs (the inter-node recursive doubling runs between them);
 #   - with 4 GPUs, virtual nodes of 1 (two doubling steps) and 3 GPUs as 3 nodes (folding).
 # Logs and JSONL go to $OUT (default benches/results/nvrar-<date>). ITERS/REPS set the timing
-# effort, EXTRA adds flags to every run (e.g. "--nvrar-threads 256").
+# effort, EXTRA adds flags to every run (e.g. "--nvrar-threads 256"), GPUS=2 runs on 2 of the GPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu-env.sh
 out=${OUT:-benches/results/nvrar-$(date +%F)}
 mkdir -p "$out"
 bin=.gpu/yalis
-gpus=$(nvidia-smi -L | wc -l)
+gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
 common=(--min-bytes 8K --iters "${ITERS:-50}" --reps "${REPS:-10}" ${EXTRA:-})
 run() {
     local name=$1; shift

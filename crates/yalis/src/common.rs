@@ -27,17 +27,20 @@ pub enum Device {
 pub enum AllReduce {
     Nccl,
     Nvrar,
-    /// On GPUs: NVRAR for messages up to AUTO_NVRAR_MAX_BYTES (the measured crossover), NCCL
-    /// above, and NCCL alone where NVSHMEM is missing or ranks are threads; on the CPU, the host
-    /// communicator.
+    /// On GPUs: NVRAR for messages up to the measured crossover with NCCL (16 MiB when the TP
+    /// group is one node of NVRAR's hierarchy, 4 MiB across nodes), NCCL above, and NCCL alone
+    /// where NVSHMEM is missing or ranks are threads; on the CPU, the host communicator.
     Auto,
 }
 
-/// `--allreduce auto` sends messages up to this size through NVRAR, larger ones through NCCL:
-/// the crossover measured on 4x H200 (benches/results/nvrar-2026-11-21/).
+/// `--allreduce auto` sends messages up to these sizes through NVRAR, larger ones through NCCL:
+/// the crossovers measured on 4x H200 (benches/results/nvrar-2026-11-21/v2: one node of 4, NVRAR
+/// 1.04x at 16 MiB and 0.93x at 32 MiB; two virtual nodes of 2, 1.09x at 4 MiB, 0.93x at 8 MiB).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub const AUTO_NVRAR_MAX_BYTES: usize = 4 << 20;
-const AUTO_DESCRIPTION: &str = "auto (nvrar up to 4 MiB, nccl above)";
+pub const AUTO_NVRAR_MAX_BYTES_ONE_NODE: usize = 16 << 20;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub const AUTO_NVRAR_MAX_BYTES_NODES: usize = 4 << 20;
+const AUTO_DESCRIPTION: &str = "auto (nvrar up to 16 MiB in one node, 4 MiB across nodes; nccl above)";
 
 /// NVRAR's hierarchy and tunables (`--allreduce nvrar|auto` on GPUs).
 #[derive(Args, Debug, Clone)]
@@ -370,11 +373,9 @@ pub fn set_up_nvrar(
     max_bytes: usize,
 ) -> yalis_engine::Result<()> {
     use yalis_cuda::backend::AllReducePolicy;
-    let policy = match rt.allreduce {
+    let mut policy = match rt.allreduce {
         "nvrar" => AllReducePolicy::Nvrar,
-        AUTO_DESCRIPTION => AllReducePolicy::Auto {
-            nvrar_max_bytes: AUTO_NVRAR_MAX_BYTES,
-        },
+        AUTO_DESCRIPTION => AllReducePolicy::Auto { nvrar_max_bytes: 0 },
         _ => return Ok(()),
     };
     let id = if world.rank() == 0 {
@@ -397,6 +398,13 @@ pub fn set_up_nvrar(
     let cfg = rt.nvrar_config(max_bytes);
     let ctx = b.context().clone();
     let nvrar = yalis_cuda::nvrar::Nvrar::new(&ctx, &id, rp.rank, world.size(), &group, cfg)?;
+    if let AllReducePolicy::Auto { nvrar_max_bytes } = &mut policy {
+        *nvrar_max_bytes = if nvrar.layout().nodes == 1 {
+            AUTO_NVRAR_MAX_BYTES_ONE_NODE
+        } else {
+            AUTO_NVRAR_MAX_BYTES_NODES
+        };
+    }
     b.set_nvrar(nvrar, policy);
     Ok(())
 }
