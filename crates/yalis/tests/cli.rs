@@ -797,6 +797,26 @@ fn allreduce_nccl_needs_cuda() {
 }
 
 #[test]
+fn allreduce_nvrar_needs_cuda_and_processes() {
+    let err = fails(&["--allreduce", "nvrar", "--device", "cpu"], &["--allreduce", "--device cuda"]);
+    assert!(err.contains("nvrar"), "{err}");
+    // The all-reduce benchmark runs on GPUs only; its flags are checked first.
+    fails(&["bench-allreduce", "--tp", "2"], &["bench-allreduce", "--features cuda"]);
+    fails(
+        &["bench-allreduce", "--tp", "2", "--min-bytes", "1.5M"],
+        &["'1.5M' is not a size"],
+    );
+    fails(
+        &["bench-allreduce", "--tp", "2", "--sizes", "8K,3", "--dtype", "f32"],
+        &["message size 3", "4-byte"],
+    );
+    fails(
+        &["bench-allreduce", "--tp", "2", "--min-bytes", "64K", "--max-bytes", "8K"],
+        &["--min-bytes", "need 0 < min <= max"],
+    );
+}
+
+#[test]
 fn sequences_longer_than_the_positions_are_refused() {
     fails(
         &["--input-len", "5000", "--output-len", "10"],
