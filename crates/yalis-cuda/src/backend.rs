@@ -299,7 +299,9 @@ pub enum AllReducePolicy {
     Nccl,
     Nvrar,
     /// NVRAR up to this many bytes, NCCL above.
-    Auto { nvrar_max_bytes: usize },
+    Auto {
+        nvrar_max_bytes: usize,
+    },
 }
 
 /// One all-reduce implementation, for [`CudaBackend::all_reduce_with`].
@@ -468,8 +470,10 @@ impl CudaBackend {
             Collective::Nvrar => self
                 .nvrar
                 .as_ref()
-                .ok_or_else(|| Error::Invalid("cuda backend: NVRAR is not set up on this rank".into()))?
-                .all_reduce(input, out, n, ty, stream, self.pdl.get()),
+                .ok_or_else(|| Error::Invalid("cuda backend: NVRAR is not set up on this rank".into()))
+                // SAFETY: the caller's buffers hold n elements of ty on this GPU; the stream is
+                // the backend's own.
+                .and_then(|nv| unsafe { nv.all_reduce(input, out, n, ty, stream, self.pdl.get()) }),
         }
     }
 
@@ -518,7 +522,9 @@ impl CudaBackend {
     }
 
     pub fn download_bytes(&self, src: &RawBuffer, bytes: usize) -> Result<Vec<u8>> {
-        check("download_bytes", bytes <= src.0.bytes, || format!("{bytes} bytes of {}", src.0.bytes))?;
+        check("download_bytes", bytes <= src.0.bytes, || {
+            format!("{bytes} bytes of {}", src.0.bytes)
+        })?;
         self.dtoh::<u8>(src.0.ptr, bytes)
     }
 
@@ -1224,7 +1230,13 @@ impl Backend for CudaBackend {
         }
         check("all_reduce", x.dtype == DType::Bf16, || format!("{:?} tensor", x.dtype))?;
         let n = x.rows * x.cols;
-        self.all_reduce_with(self.collective_for(2 * n), x.ptr, x.ptr, n, crate::nvrar::ElemType::Bf16)
+        self.all_reduce_with(
+            self.collective_for(2 * n),
+            x.ptr,
+            x.ptr,
+            n,
+            crate::nvrar::ElemType::Bf16,
+        )
     }
 
     fn all_gather_cols(&self, x: &CudaTensor, out: &mut CudaTensor) -> Result<()> {

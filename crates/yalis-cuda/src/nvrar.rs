@@ -130,7 +130,7 @@ impl Layout {
         if size == 0 || index >= size {
             return Err(Error::Invalid(format!("nvrar: member {index} of a group of {size}")));
         }
-        if size % g_size != 0 {
+        if !size.is_multiple_of(g_size) {
             return Err(Error::Invalid(format!(
                 "nvrar: --gpus-per-node {g_size} does not divide the group of {size} GPUs; pick a divisor of {size}"
             )));
@@ -231,7 +231,7 @@ impl Nvrar {
             .position(|&pe| pe == rank)
             .ok_or_else(|| Error::Invalid(format!("nvrar: rank {rank} is not in its group {group:?}")))?;
         let layout = Layout::new(index, group.len(), cfg.gpus_per_node)?;
-        if cfg.threads == 0 || cfg.threads % 32 != 0 || cfg.threads > 512 {
+        if cfg.threads == 0 || !cfg.threads.is_multiple_of(32) || cfg.threads > 512 {
             return Err(Error::Invalid(format!(
                 "nvrar: {} threads per block; use a multiple of 32 up to 512",
                 cfg.threads
@@ -254,7 +254,8 @@ impl Nvrar {
         };
         let os_lines = oneshot_max.div_ceil(8);
         // Then the node phases' block flags: [parity][phase][source][FLAG_BLOCKS] u32.
-        let bytes = 2 * (layout.slots() * slot_lines + layout.g_size * os_lines) * 16 + 4 * layout.g_size * FLAG_BLOCKS * 4;
+        let bytes =
+            2 * (layout.slots() * slot_lines + layout.g_size * os_lines) * 16 + 4 * layout.g_size * FLAG_BLOCKS * 4;
         let ll = session.malloc(bytes).map_err(nv)?;
         // SAFETY: `ll` holds `bytes` bytes on this GPU; zero flags are older than any epoch.
         unsafe { drv::memset_d8_sync(ll.device_ptr(), 0, bytes) }.map_err(|e| cu("clearing the LL buffer", e))?;
@@ -367,14 +368,22 @@ impl Nvrar {
     /// message one-shot), at most the cap.
     pub fn blocks(&self, bytes: usize) -> usize {
         let packs = bytes.div_ceil(8);
-        let per_gpu = if bytes <= self.oneshot_max { packs } else { packs.div_ceil(self.layout.g_size) };
+        let per_gpu = if bytes <= self.oneshot_max {
+            packs
+        } else {
+            packs.div_ceil(self.layout.g_size)
+        };
         per_gpu.div_ceil(self.cfg.threads).clamp(1, self.blocks_cap)
     }
 
     /// Sums `n` elements of `ty` at `input` over the group into `out` (may equal `input`; both
     /// 8-byte aligned device memory of this GPU), on `stream`. Every member must make the same
     /// sequence of calls with the same sizes.
-    pub fn all_reduce(
+    ///
+    /// # Safety
+    /// `input` and `out` hold `n` elements of `ty` on this rank's GPU, and `stream` is a live
+    /// stream of its context, current on this thread.
+    pub unsafe fn all_reduce(
         &self,
         input: sys::CUdeviceptr,
         out: sys::CUdeviceptr,
@@ -383,7 +392,7 @@ impl Nvrar {
         stream: sys::CUstream,
         pdl: bool,
     ) -> Result<()> {
-        if input % 8 != 0 || out % 8 != 0 {
+        if !input.is_multiple_of(8) || !out.is_multiple_of(8) {
             return Err(Error::Invalid(format!(
                 "nvrar: buffers must be 8-byte aligned (input {input:#x}, output {out:#x})"
             )));

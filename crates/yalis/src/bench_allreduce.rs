@@ -130,8 +130,11 @@ fn sizes(a: &AllReduceArgs) -> Result<Vec<usize>> {
     } else {
         a.sizes.clone()
     };
-    if let Some(bad) = sizes.iter().find(|&&s| s == 0 || s % es != 0) {
-        bail!("message size {bad} is not a positive multiple of the {es}-byte {:?} element", a.dtype);
+    if let Some(bad) = sizes.iter().find(|&&s| s == 0 || !s.is_multiple_of(es)) {
+        bail!(
+            "message size {bad} is not a positive multiple of the {es}-byte {:?} element",
+            a.dtype
+        );
     }
     Ok(sizes)
 }
@@ -368,7 +371,10 @@ mod imp {
                 a.reps
             );
             for r in &plan.ranks {
-                println!("  rank {} -> {} ({}) on {}", r.rank, rt.devices[r.rank], rt.places[r.rank].0, rt.places[r.rank].1);
+                println!(
+                    "  rank {} -> {} ({}) on {}",
+                    r.rank, rt.devices[r.rank], rt.places[r.rank].0, rt.places[r.rank].1
+                );
             }
         }
         let backends = a.backends.clone();
@@ -395,7 +401,9 @@ mod imp {
             let world = comms.world.as_ref();
             let gather = |o: Outcome| -> yalis_engine::Result<Outcome> {
                 let all = world.all_gather_bytes(&o.to_bytes())?;
-                Ok(Outcome::merge(&all.iter().map(|b| Outcome::from_bytes(b)).collect::<Vec<_>>()))
+                Ok(Outcome::merge(
+                    &all.iter().map(|b| Outcome::from_bytes(b)).collect::<Vec<_>>(),
+                ))
             };
             // Fresh inputs for check `case`, one call of `which`, the output against the reference.
             let check = |which: Collective, case: u64, n: usize| -> yalis_engine::Result<Outcome> {
@@ -466,7 +474,11 @@ mod imp {
         rows: &[Vec<Outcome>],
     ) -> Result<()> {
         let dt = a.dtype;
-        let type_name = dt.to_possible_value().expect("no skipped variants").get_name().to_string();
+        let type_name = dt
+            .to_possible_value()
+            .expect("no skipped variants")
+            .get_name()
+            .to_string();
         let nccl = a.backends.iter().position(|&b| b == BackendName::Nccl);
         let mut failed = Vec::new();
         for (bi, be) in a.backends.iter().enumerate() {
@@ -520,7 +532,17 @@ mod imp {
             print!(
                 "{}",
                 format_table(
-                    &["size", "count", "type", "time us", "algbw GB/s", "busbw GB/s", "#wrong", "err/bound", "nccl/this"],
+                    &[
+                        "size",
+                        "count",
+                        "type",
+                        "time us",
+                        "algbw GB/s",
+                        "busbw GB/s",
+                        "#wrong",
+                        "err/bound",
+                        "nccl/this"
+                    ],
                     &table
                 )
             );
@@ -563,7 +585,9 @@ mod tests {
             let partial: Vec<f64> = (0..4)
                 .filter(|&k| k != 3)
                 .map(|k| decode(dt, &inputs[k]))
-                .fold(vec![0.0; 5000], |acc, v| acc.iter().zip(v).map(|(a, b)| a + b).collect());
+                .fold(vec![0.0; 5000], |acc, v| {
+                    acc.iter().zip(v).map(|(a, b)| a + b).collect()
+                });
             let (wrong, _) = r.check(&partial);
             assert!(wrong > 4500, "{dt:?}: only {wrong} of 5000 flagged");
             // NaN poison is wrong.

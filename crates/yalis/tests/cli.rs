@@ -798,10 +798,16 @@ fn allreduce_nccl_needs_cuda() {
 
 #[test]
 fn allreduce_nvrar_needs_cuda_and_processes() {
-    let err = fails(&["--allreduce", "nvrar", "--device", "cpu"], &["--allreduce", "--device cuda"]);
+    let err = fails(
+        &["--allreduce", "nvrar", "--device", "cpu"],
+        &["--allreduce", "--device cuda"],
+    );
     assert!(err.contains("nvrar"), "{err}");
     // The all-reduce benchmark runs on GPUs only; its flags are checked first.
-    fails(&["bench-allreduce", "--tp", "2"], &["bench-allreduce", "--features cuda"]);
+    fails(
+        &["bench-allreduce", "--tp", "2"],
+        &["bench-allreduce", "--features cuda"],
+    );
     fails(
         &["bench-allreduce", "--tp", "2", "--min-bytes", "1.5M"],
         &["'1.5M' is not a size"],
@@ -811,7 +817,15 @@ fn allreduce_nvrar_needs_cuda_and_processes() {
         &["message size 3", "4-byte"],
     );
     fails(
-        &["bench-allreduce", "--tp", "2", "--min-bytes", "64K", "--max-bytes", "8K"],
+        &[
+            "bench-allreduce",
+            "--tp",
+            "2",
+            "--min-bytes",
+            "64K",
+            "--max-bytes",
+            "8K",
+        ],
         &["--min-bytes", "need 0 < min <= max"],
     );
 }
