@@ -28,19 +28,25 @@ pub enum AllReduce {
     Nccl,
     Nvrar,
     /// On GPUs: NVRAR for messages up to the measured crossover with NCCL (16 MiB when the TP
-    /// group is one node of NVRAR's hierarchy, 4 MiB across nodes), NCCL above, and NCCL alone
-    /// where NVSHMEM is missing or ranks are threads; on the CPU, the host communicator.
+    /// group is one node of NVRAR's hierarchy, 4 MiB across nodes of 2 or more GPUs, 256 KiB
+    /// across nodes of 1), NCCL above, and NCCL alone where NVSHMEM is missing or ranks are
+    /// threads; on the CPU, the host communicator.
     Auto,
 }
 
 /// `--allreduce auto` sends messages up to these sizes through NVRAR, larger ones through NCCL:
-/// the crossovers measured on 4x H200 (benches/results/nvrar-2026-11-21/v2: one node of 4, NVRAR
-/// 1.04x at 16 MiB and 0.93x at 32 MiB; two virtual nodes of 2, 1.09x at 4 MiB, 0.93x at 8 MiB).
+/// the crossovers measured on 4x H200 (benches/results/nvrar-2026-11-21/final): one node of 4,
+/// NVRAR 1.04x at 16 MiB and 0.93x at 32 MiB; virtual nodes of 2, 1.09x at 4 MiB and 0.92x at
+/// 8 MiB; virtual nodes of 1 (4 and 3 of them), 1.27x / 1.15x at 256 KiB and 1.19x / 0.91x at
+/// 512 KiB. `--nvrar-auto-max-bytes` overrides them (re-measure on a real multi-node cluster).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub const AUTO_NVRAR_MAX_BYTES_ONE_NODE: usize = 16 << 20;
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub const AUTO_NVRAR_MAX_BYTES_NODES: usize = 4 << 20;
-const AUTO_DESCRIPTION: &str = "auto (nvrar up to 16 MiB in one node, 4 MiB across nodes; nccl above)";
+pub const AUTO_NVRAR_MAX_BYTES: [(&str, usize); 3] = [
+    ("one node", 16 << 20),
+    ("nodes of 2+ GPUs", 4 << 20),
+    ("nodes of 1 GPU", 256 << 10),
+];
+const AUTO_DESCRIPTION: &str =
+    "auto (nvrar up to 16 MiB in one node, 4 MiB across nodes of 2+ GPUs, 256 KiB across nodes of 1; nccl above)";
 
 /// NVRAR's hierarchy and tunables (`--allreduce nvrar|auto` on GPUs).
 #[derive(Args, Debug, Clone)]
@@ -59,6 +65,10 @@ pub struct NvrarOpts {
     /// input to every other) instead of reduce-scatter + all-gather; 0 turns it off.
     #[arg(long, default_value_t = yalis_default_nvrar().2, value_parser = crate::bench_allreduce::parse_size)]
     pub nvrar_oneshot_bytes: usize,
+    /// `--allreduce auto`: the largest message NVRAR takes (default: the crossover measured for
+    /// the hierarchy's shape; see AUTO_NVRAR_MAX_BYTES).
+    #[arg(long, value_parser = crate::bench_allreduce::parse_size)]
+    pub nvrar_auto_max_bytes: Option<usize>,
     /// Send to recursive-doubling partners through NVSHMEM puts even where NVLink reaches them
     /// (the other-node path, exercised on one machine).
     #[arg(long)]
@@ -399,11 +409,13 @@ pub fn set_up_nvrar(
     let ctx = b.context().clone();
     let nvrar = yalis_cuda::nvrar::Nvrar::new(&ctx, &id, rp.rank, world.size(), &group, cfg)?;
     if let AllReducePolicy::Auto { nvrar_max_bytes } = &mut policy {
-        *nvrar_max_bytes = if nvrar.layout().nodes == 1 {
-            AUTO_NVRAR_MAX_BYTES_ONE_NODE
-        } else {
-            AUTO_NVRAR_MAX_BYTES_NODES
+        let l = nvrar.layout();
+        let measured = match (l.nodes, l.g_size) {
+            (1, _) => AUTO_NVRAR_MAX_BYTES[0].1,
+            (_, 1) => AUTO_NVRAR_MAX_BYTES[2].1,
+            _ => AUTO_NVRAR_MAX_BYTES[1].1,
         };
+        *nvrar_max_bytes = rt.nvrar.nvrar_auto_max_bytes.unwrap_or(measured);
     }
     b.set_nvrar(nvrar, policy);
     Ok(())
