@@ -1355,22 +1355,15 @@ impl Backend for CudaBackend {
             return Ok(None);
         }
         const CALLS: usize = 50;
-        let mut x = self.alloc(1, elems)?;
+        let x = self.alloc(1, elems)?;
         let key = yalis_core::rng::stream_key(elems as u64, 11);
         launch!(self, "dummy_fill_bf16", (u32s(elems.div_ceil(256 * 8)), 1, 1), (256, 1, 1), 0;
             x.ptr, 1i32, elems as i32, elems as i64, 0i64, 0i64, key, 0.0f32, 1.0f32)?;
-        self.stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| cuda_err("cuStreamBeginCapture", e))?;
-        let captured = (0..CALLS).try_for_each(|_| self.all_reduce(&mut x));
-        let graph = self
-            .stream
-            .end_capture(sys::CUgraphInstantiate_flags(0))
-            .map_err(|e| cuda_err("cuStreamEndCapture", e))?;
-        captured?;
-        let graph = graph.ok_or_else(|| Error::Invalid("cuda: the captured all-reduces are empty".into()))?;
-        let ms = self.time_ms(2, 10, || graph.launch().map_err(|e| cuda_err("cuGraphLaunch", e)))?;
-        Ok(Some(ms * 1e3 / CALLS as f64))
+        let which = self.collective_for(2 * elems);
+        let us = self.time_calls_us(true, CALLS, 10, || {
+            self.all_reduce_with(which, x.ptr, x.ptr, elems, crate::nvrar::ElemType::Bf16)
+        })?;
+        Ok(Some(us))
     }
 
     fn graph_begin(&self, _key: u64) -> Result<bool> {
