@@ -30,6 +30,8 @@
 // One-shot (one node, small messages): instead of reduce-scatter + all-gather (two trips over
 // NVLink), every GPU sends its whole input to every other GPU and each sums all G inputs in
 // local-index order, so every GPU rounds the same value. Half the latency, G/2 times the bytes.
+// The smallest messages go as LL lines (no fence, no block barrier); larger ones as plain data
+// with one release flag per (block, source), half the bytes.
 //
 // Launch: grid = blocks (at most one wave: <= the SM count), block = threads (multiple of 32,
 // <= 512), no dynamic shared memory. Block b, thread t handles packs j = (k * grid + b) * threads + t
@@ -49,6 +51,7 @@
 #define NVRAR_MAX_STEPS 16
 // Flags per (parity, phase, source): one per block, so at most this many blocks.
 #define NVRAR_FLAG_BLOCKS 256
+#define NVRAR_PHASES 3
 
 // Must match `NvrarArgs` in crates/yalis-cuda/src/nvrar.rs field for field (repr(C)).
 struct NvrarArgs {
@@ -64,7 +67,7 @@ struct NvrarArgs {
     int fold_pe;         // its PE (-1: none)
     int G, g;            // GPUs per node, this GPU's local index
     int N, node;         // nodes, this GPU's node
-    int oneshot;         // 1: one node, and the message fits the one-shot slots: see below
+    int oneshot;         // one node, small message: 1 one-shot in LL lines, 2 one-shot plain (below)
     unsigned *ctrl;      // [2] device words, zeroed once: the last finished epoch, arrivals
     u64 timeout_ns;
     u64 os_lines;        // lines per one-shot slot (after the 2 parities of the main slots)
@@ -308,33 +311,11 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
         return P::round(acc);
     };
 
-    if (a.oneshot) {
-        // Every pack of the input to every GPU of the node, then the sum of all of them.
-        uint4 *const os = a.ll + 2 * (u64)nslots(G, L) * a.slot_lines;
-        const u64 os_parity = (u64)(e & 1) * G * a.os_lines;
-        auto os_peer = [&](int s) {
-            return reinterpret_cast<uint4 *>(a.local_peer[s]) + 2 * (u64)nslots(G, L) * a.slot_lines + os_parity;
-        };
-        for (u64 j0 = first; j0 < packs; j0 += stride) {
-            const u64 j = j0 + threadIdx.x;
-            if (j >= packs) continue;
-            const uint2 v = P::load(a.in, j, a.n);
-            for (int d = 1; d < G; d++) st_line(os_peer((g + d) % G) + (u64)g * a.os_lines + j, v, e);
-        }
-        w.what = "one-shot";
-        for (u64 j0 = first; j0 < packs; j0 += stride) {
-            const u64 j = j0 + threadIdx.x;
-            if (j >= packs) continue;
-            P::store(a.out, j, a.n, sum_sources(os + os_parity, a.os_lines, j, P::load(a.in, j, a.n)));
-        }
-        finish(a, e);
-        return;
-    }
-
-    // Block flags of the node phases (after the one-shot slots): [parity][phase][source][block].
+    // Block flags of the node phases (after the one-shot slots): [parity][phase][source][block];
+    // phases: 0 reduce-scatter, 1 all-gather, 2 plain one-shot.
     unsigned *const flags0 = reinterpret_cast<unsigned *>(a.ll + 2 * ((u64)nslots(G, L) * a.slot_lines + G * a.os_lines));
     auto flag = [&](unsigned *base, int phase, int src) {
-        return base + ((u64)((e & 1) * 2 + phase) * G + src) * NVRAR_FLAG_BLOCKS + blockIdx.x;
+        return base + ((u64)((e & 1) * NVRAR_PHASES + phase) * G + src) * NVRAR_FLAG_BLOCKS + blockIdx.x;
     };
     auto peer_flags = [&](int s) {
         return reinterpret_cast<unsigned *>(reinterpret_cast<uint4 *>(a.local_peer[s]) +
@@ -354,6 +335,53 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
     };
     // Pack j of source s's plain data in this GPU's slot `i` / in GPU d's.
     auto plain = [&](uint4 *base, int i) { return reinterpret_cast<uint2 *>(slot(base, i)); };
+
+    if (a.oneshot) {
+        // Every pack of the input to every GPU of the node, then the sum of all of them:
+        // as LL lines (oneshot 1), or as plain data and a flag per block (oneshot 2).
+        uint4 *const os = a.ll + 2 * (u64)nslots(G, L) * a.slot_lines;
+        const u64 os_parity = (u64)(e & 1) * G * a.os_lines;
+        auto os_peer = [&](int s) {
+            return reinterpret_cast<uint4 *>(a.local_peer[s]) + 2 * (u64)nslots(G, L) * a.slot_lines + os_parity;
+        };
+        const bool ll = a.oneshot == 1;
+        for (u64 j0 = first; j0 < packs; j0 += stride) {
+            const u64 j = j0 + threadIdx.x;
+            if (j >= packs) continue;
+            const uint2 v = P::load(a.in, j, a.n);
+            for (int d = 1; d < G; d++) {
+                uint4 *dst = os_peer((g + d) % G) + (u64)g * a.os_lines;
+                if (ll)
+                    st_line(dst + j, v, e);
+                else
+                    reinterpret_cast<uint2 *>(dst)[j] = v;
+            }
+        }
+        w.what = "one-shot";
+        if (!ll) {
+            signal(2);
+            await(2, "one-shot");
+        }
+        for (u64 j0 = first; j0 < packs; j0 += stride) {
+            const u64 j = j0 + threadIdx.x;
+            if (j >= packs) continue;
+            const uint2 own = P::load(a.in, j, a.n);
+            uint2 r;
+            if (ll) {
+                r = sum_sources(os + os_parity, a.os_lines, j, own);
+            } else {
+                float acc[P::E];
+#pragma unroll
+                for (int i = 0; i < P::E; i++) acc[i] = 0.f;
+                for (int s = 0; s < G; s++)
+                    P::add(acc, s == g ? own : __ldcg(reinterpret_cast<const uint2 *>(os + os_parity + (u64)s * a.os_lines) + j));
+                r = P::round(acc);
+            }
+            P::store(a.out, j, a.n, r);
+        }
+        finish(a, e);
+        return;
+    }
 
     // 1. Reduce-scatter: shard s of the input to GPU s, as plain data, then a flag per block.
     if (G > 1) {

@@ -20,6 +20,8 @@ const MAX_G: usize = 8;
 const MAX_STEPS: usize = 16;
 /// kernels/nvrar.cu's NVRAR_FLAG_BLOCKS: the most blocks a call may use.
 const FLAG_BLOCKS: usize = 256;
+/// kernels/nvrar.cu's NVRAR_PHASES: flag sets per parity (reduce-scatter, all-gather, one-shot).
+const PHASES: usize = 3;
 
 /// The kernel's parameter block; must match `struct NvrarArgs` in kernels/nvrar.cu.
 #[repr(C)]
@@ -85,8 +87,13 @@ pub struct NvrarConfig {
     /// The largest message of one launch; longer ones run as several calls. Sizes the LL buffer.
     pub max_bytes: usize,
     /// With one node: messages up to this size go one-shot (every GPU sends all of its input to
-    /// every other and sums all of them) instead of reduce-scatter + all-gather. 0: never.
-    pub oneshot_max_bytes: usize,
+    /// every other and sums all of them) instead of reduce-scatter + all-gather. 0: never; None:
+    /// the measured default (4 MiB for 2 GPUs, whose one-shot moves no more bytes than two-shot;
+    /// 512 KiB for more).
+    pub oneshot_max_bytes: Option<usize>,
+    /// One-shot messages up to this size travel as LL lines (no fence or block barrier, twice
+    /// the bytes); larger ones as plain data with a flag per block.
+    pub oneshot_ll_max_bytes: usize,
     /// Send to recursive-doubling partners through NVSHMEM puts even when they have an NVLink
     /// address (exercises the other-node path on one machine).
     pub force_put: bool,
@@ -101,7 +108,8 @@ impl Default for NvrarConfig {
             threads: 512,
             max_blocks: 128,
             max_bytes: 16 << 20,
-            oneshot_max_bytes: 256 << 10,
+            oneshot_max_bytes: None,
+            oneshot_ll_max_bytes: 64 << 10,
             force_put: false,
             timeout: Duration::from_secs(60),
         }
@@ -248,14 +256,15 @@ impl Nvrar {
         let max_packs = cfg.max_bytes.div_ceil(8);
         let slot_lines = max_packs.div_ceil(layout.g_size);
         let oneshot_max = if layout.nodes == 1 && layout.g_size > 1 {
-            cfg.oneshot_max_bytes.min(cfg.max_bytes)
+            let measured = if layout.g_size == 2 { 4 << 20 } else { 512 << 10 };
+            cfg.oneshot_max_bytes.unwrap_or(measured).min(cfg.max_bytes)
         } else {
             0
         };
         let os_lines = oneshot_max.div_ceil(8);
         // Then the node phases' block flags: [parity][phase][source][FLAG_BLOCKS] u32.
-        let bytes =
-            2 * (layout.slots() * slot_lines + layout.g_size * os_lines) * 16 + 4 * layout.g_size * FLAG_BLOCKS * 4;
+        let bytes = 2 * (layout.slots() * slot_lines + layout.g_size * os_lines) * 16
+            + 2 * PHASES * layout.g_size * FLAG_BLOCKS * 4;
         let ll = session.malloc(bytes).map_err(nv)?;
         // SAFETY: `ll` holds `bytes` bytes on this GPU; zero flags are older than any epoch.
         unsafe { drv::memset_d8_sync(ll.device_ptr(), 0, bytes) }.map_err(|e| cu("clearing the LL buffer", e))?;
@@ -353,13 +362,14 @@ impl Nvrar {
     /// How this build of NVRAR runs, for provenance.
     pub fn describe(&self) -> String {
         format!(
-            "nvrar (NVSHMEM {}, {} node(s) x {} GPU(s), {} threads, <= {} blocks, one-shot <= {} KiB{})",
+            "nvrar (NVSHMEM {}, {} node(s) x {} GPU(s), {} threads, <= {} blocks, one-shot <= {} KiB (LL <= {} KiB){})",
             self.session.version(),
             self.layout.nodes,
             self.layout.g_size,
             self.cfg.threads,
             self.blocks_cap,
             self.oneshot_max >> 10,
+            self.cfg.oneshot_ll_max_bytes.min(self.oneshot_max) >> 10,
             if self.cfg.force_put { ", puts forced" } else { "" }
         )
     }
@@ -408,7 +418,11 @@ impl Nvrar {
             args.input = input + (done * es) as u64;
             args.out = out + (done * es) as u64;
             args.n = len as u64;
-            args.oneshot = i32::from(len * es <= self.oneshot_max);
+            args.oneshot = match len * es {
+                b if b > self.oneshot_max => 0,
+                b if b <= self.cfg.oneshot_ll_max_bytes => 1,
+                _ => 2,
+            };
             let blocks = self.blocks(len * es) as u32;
             let mut params = [&mut args as *mut NvrarArgs as *mut c_void];
             // SAFETY: the single parameter is the kernel's NvrarArgs (same layout, checked size);

@@ -62,9 +62,14 @@ pub struct NvrarOpts {
     #[arg(long, default_value_t = yalis_default_nvrar().1)]
     pub nvrar_blocks: usize,
     /// With one node, NVRAR sends messages up to this many bytes one-shot (every GPU's whole
-    /// input to every other) instead of reduce-scatter + all-gather; 0 turns it off.
+    /// input to every other) instead of reduce-scatter + all-gather; 0 turns it off. Default:
+    /// measured, 4 MiB for 2 GPUs, 512 KiB for more.
+    #[arg(long, value_parser = crate::bench_allreduce::parse_size)]
+    pub nvrar_oneshot_bytes: Option<usize>,
+    /// One-shot messages up to this many bytes travel as LL lines (data and flag in every 8
+    /// bytes), larger ones as plain data with a flag per block.
     #[arg(long, default_value_t = yalis_default_nvrar().2, value_parser = crate::bench_allreduce::parse_size)]
-    pub nvrar_oneshot_bytes: usize,
+    pub nvrar_ll_bytes: usize,
     /// `--allreduce auto`: the largest message NVRAR takes (default: the crossover measured for
     /// the hierarchy's shape; see AUTO_NVRAR_MAX_BYTES).
     #[arg(long, value_parser = crate::bench_allreduce::parse_size)]
@@ -77,7 +82,7 @@ pub struct NvrarOpts {
 
 /// NVRAR's default (threads, max blocks): chosen by measurement (benches/NOTES.md, NVRAR).
 const fn yalis_default_nvrar() -> (usize, usize, usize) {
-    (512, 128, 256 << 10)
+    (512, 128, 64 << 10)
 }
 
 /// Model, weights and runtime options shared by the benchmark and `generate`.
@@ -196,6 +201,7 @@ impl Runtime {
             max_blocks: self.nvrar.nvrar_blocks,
             max_bytes,
             oneshot_max_bytes: self.nvrar.nvrar_oneshot_bytes,
+            oneshot_ll_max_bytes: self.nvrar.nvrar_ll_bytes,
             force_put: self.nvrar.nvrar_put,
             timeout: self.timeout,
         }
@@ -545,7 +551,7 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
             "allreduce": rt.allreduce,
             "nvrar": json!({
                 "gpus_per_node": rt.nvrar.gpus_per_node, "threads": rt.nvrar.nvrar_threads,
-                "max_blocks": rt.nvrar.nvrar_blocks, "oneshot_bytes": rt.nvrar.nvrar_oneshot_bytes, "force_put": rt.nvrar.nvrar_put,
+                "max_blocks": rt.nvrar.nvrar_blocks, "oneshot_bytes": rt.nvrar.nvrar_oneshot_bytes, "ll_bytes": rt.nvrar.nvrar_ll_bytes, "force_put": rt.nvrar.nvrar_put,
             }),
             "comm_timeout_s": rt.timeout.as_secs(),
             "ranks": plan.ranks.iter().map(|r| json!({
