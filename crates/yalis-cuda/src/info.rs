@@ -95,18 +95,26 @@ fn gpu(ordinal: c_int) -> Result<String, result::DriverError> {
         attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
         attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
     );
-    let pci = format!(
-        "{:04x}:{:02x}:{:02x}.0",
-        attr(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
-        attr(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
-        attr(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
-    );
+    let pci = pci_id(dev)?;
     // SAFETY: `dev` comes from cuDeviceGet.
     let bytes = unsafe { result::device::total_mem(dev) }?;
     let name = result::device::get_name(dev)?;
     Ok(format!(
         "{name}  sm_{major}{minor}  {:.1} GiB  pci {pci}",
         bytes as f64 / (1u64 << 30) as f64
+    ))
+}
+
+/// The PCI address of `dev`, "0000:18:00.0".
+fn pci_id(dev: sys::CUdevice) -> Result<String, result::DriverError> {
+    use sys::CUdevice_attribute as A;
+    // SAFETY: `dev` comes from cuDeviceGet.
+    let attr = |a| unsafe { result::device::get_attribute(dev, a) };
+    Ok(format!(
+        "{:04x}:{:02x}:{:02x}.0",
+        attr(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+        attr(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+        attr(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
     ))
 }
 
@@ -141,6 +149,8 @@ pub struct GpuInfo {
     pub ordinal: usize,
     pub name: String,
     pub total_bytes: u64,
+    /// PCI address, "0000:18:00.0".
+    pub pci: String,
 }
 
 /// The visible GPUs; empty when libcuda is missing or the driver fails.
@@ -160,6 +170,7 @@ pub fn devices() -> Vec<GpuInfo> {
                     ordinal: i as usize,
                     name: result::device::get_name(dev)?,
                     total_bytes: total,
+                    pci: pci_id(dev)?,
                 })
             })
             .collect()

@@ -165,7 +165,7 @@ fn cuda_devices() -> Vec<(String, u64)> {
         .into_iter()
         .map(|d| {
             (
-                format!("cuda:{} {}", d.ordinal, d.name),
+                format!("cuda:{} {} (pci {})", d.ordinal, d.name, d.pci),
                 d.total_bytes.saturating_sub(2 << 30),
             )
         })
