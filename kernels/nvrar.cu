@@ -11,11 +11,14 @@
 //      fold their shard into node (n - N2) and get the result back at the end;
 //   3. all-gather in the node: the owner sends its finished shard to every GPU of the node.
 //
-// Data travels as NCCL-"LL"-style lines: a 16-byte line is {data0, flag, data1, flag}, written
-// with one 16-byte volatile store, and the flags are this call's epoch. A receiver polls the line
-// itself until both flags equal the epoch (8-byte words are never torn), so there is no separate
-// signal, fence or barrier, and no buffer is ever cleared: a stale line carries an older epoch.
-// Every slot exists twice (epoch parity). A GPU writes a parity-p slot of a peer again only in
+// Across nodes (step 2) data travels as NCCL-"LL"-style lines: a 16-byte line is {data0, flag,
+// data1, flag}, written with one 16-byte volatile store, and the flags are this call's epoch. A
+// receiver polls the line itself until both flags equal the epoch (8-byte words are never torn),
+// so there is no separate signal, fence or barrier, and no buffer is ever cleared: a stale line
+// carries an older epoch. Inside the node (steps 1 and 3) data goes plain, over NVLink, and each
+// block then releases one flag per destination holding the epoch; the receiving block acquires
+// it before reading (half the bytes of LL, one fence per block and phase). Every slot and flag
+// exists twice (epoch parity). A GPU writes a parity-p slot of a peer again only in
 // call e + 2, after it has received the peer's data of call e + 1, which the peer sent after its
 // whole call-e kernel (and so every read of that slot) had finished: a fast rank can never
 // overwrite data a slow peer has not read. The epoch lives on the device (ctrl[0]; the last block
@@ -36,7 +39,7 @@
 // Launch: grid = blocks (at most one wave: <= the SM count), block = threads (multiple of 32,
 // <= 512), no dynamic shared memory. Block b, thread t handles packs j = (k * grid + b) * threads + t
 // of every shard, in every phase, so each dependency is within one thread. A thread that waits
-// longer than `timeout_ns` for a line prints which one and traps (the host sees a launch failure
+// longer than `timeout_ns` for a line or flag prints which one and traps (the host sees a launch failure
 // and ends the job).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
