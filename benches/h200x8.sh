@@ -7,7 +7,8 @@
 #   3. Llama-3.1-70B at TP 8 and TP 4 x PP 2, batch 1 and 32 (strong scaling, with the 4-GPU
 #      results of benches/scaling.sh), then scripts/plot_scaling.py.
 # On a 4-GPU node the same script runs what fits there: GPUS=4 MODEL=llama-70b (the sweep as 1 node
-# of 4, 2 of 2, 4 of 1; the model at TP 4). STEPS picks parts ("1 2 3").
+# of 4, 2 of 2, 4 of 1; the model at TP 4). STEPS picks parts ("1 2 3"); SWEEP replaces the
+# sweep's size flags (e.g. "--sizes 8K,1M --iters 10 --reps 3").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu-env.sh
@@ -22,7 +23,7 @@ for step in ${STEPS:-1 2 3}; do
     1)
         for g in "$gpus" $((gpus / 2)) $((gpus / 4)); do
             [ "$g" -ge 1 ] || continue
-            "$bin" bench-allreduce --tp "$gpus" --gpus-per-node "$g" --min-bytes 8K --max-bytes 64M \
+            "$bin" bench-allreduce --tp "$gpus" --gpus-per-node "$g" ${SWEEP:---min-bytes 8K --max-bytes 64M} \
                 --output-json "$out/allreduce-${gpus}gpu-nodes-of-$g.jsonl" 2>&1 | tee "$out/allreduce-${gpus}gpu-nodes-of-$g.log"
         done
         ;;
