@@ -39,6 +39,8 @@ pub struct Engine<B: Backend> {
     max_batch: usize,
     max_seq: usize,
     cuda_graphs: bool,
+    /// Micro-batches of pipelined decode (1: the stages take each step in turn).
+    microbatches: usize,
 }
 
 impl<B: Backend> Engine<B> {
@@ -59,6 +61,7 @@ impl<B: Backend> Engine<B> {
             max_batch,
             max_seq,
             cuda_graphs: true,
+            microbatches: 1,
         })
     }
 
@@ -100,8 +103,6 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs one step and returns the next token of every sequence in `batch`, on every rank.
-    /// Decode steps run as one CUDA graph per batch size where the backend has graphs (not
-    /// while logits are kept: the host then reads them between the forward and the sampler).
     fn step(
         &mut self,
         inputs: StepInputs,
@@ -109,9 +110,24 @@ impl<B: Backend> Engine<B> {
         keep: Option<&mut Vec<Vec<Vec<f32>>>>,
         seq_ids: &[usize],
     ) -> Result<Vec<u32>> {
+        let n = inputs.batch.seqs.len();
+        self.run_stage(inputs, sampling, keep, seq_ids)?;
+        self.sampled(n)
+    }
+
+    /// This stage's part of one step: the forward (receiving from and sending to the
+    /// neighbouring stages) and, on the last stage, sampling. Decode steps run as one CUDA graph
+    /// per batch size where the backend has graphs (not while logits are kept: the host then
+    /// reads them between the forward and the sampler).
+    fn run_stage(
+        &mut self,
+        inputs: StepInputs,
+        sampling: &SamplingParams,
+        keep: Option<&mut Vec<Vec<Vec<f32>>>>,
+        seq_ids: &[usize],
+    ) -> Result<()> {
         let b = &self.backend;
         let n = inputs.batch.seqs.len();
-        let last_stage = self.model.plan.is_last_stage();
         let vocab = self.model.cfg.vocab_size;
         b.begin_step(&inputs)?;
         let decode = inputs.batch.seqs.iter().all(|s| s.len == 1);
@@ -134,9 +150,15 @@ impl<B: Backend> Engine<B> {
                 b.graph_launch(key)?;
             }
         }
+        Ok(())
+    }
+
+    /// The `n` tokens the last stage's first TP rank sampled last, on every rank (a world
+    /// collective).
+    fn sampled(&self, n: usize) -> Result<Vec<u32>> {
         let root = self.sampling_rank();
-        let mut next = if last_stage && self.world.rank() == root {
-            b.sampled_tokens(n)?
+        let mut next = if self.model.plan.is_last_stage() && self.world.rank() == root {
+            self.backend.sampled_tokens(n)?
         } else {
             vec![0u32; n]
         };
@@ -152,6 +174,13 @@ impl<B: Backend> Engine<B> {
     /// CUDA graphs for decode steps (on by default; backends without graphs ignore it).
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.cuda_graphs = on;
+    }
+
+    /// Pipelined decode with PP > 1: the sequences are split into `m` micro-batches (at least PP
+    /// of them) that flow through the stages one behind the other, so the stages work at once.
+    /// 1 (the default) runs every decode step through the stages in turn.
+    pub fn set_pp_microbatches(&mut self, m: usize) {
+        self.microbatches = m.max(1);
     }
 
     pub fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Generation> {
@@ -210,6 +239,10 @@ impl<B: Backend> Engine<B> {
             if active.is_empty() {
                 break;
             }
+            if step == 0 && self.microbatches > 1 && self.model.plan.pp > 1 && opts.max_new_tokens > 1 {
+                self.decode_pipelined(prompts, opts, &keys, active, &mut out, logits.as_mut())?;
+                break;
+            }
             batch = StepBatch {
                 seqs: active
                     .iter()
@@ -223,5 +256,95 @@ impl<B: Backend> Engine<B> {
         }
         out.logits = logits.unwrap_or_default();
         Ok(out)
+    }
+
+    /// Decode after the prefill with the `active` sequences split into M = max(microbatches, PP)
+    /// contiguous micro-batches (some may be empty). At tick t stage s runs micro-batch
+    /// (t - s) mod M, so the stages work on different micro-batches at once; the last stage
+    /// samples micro-batch (t - PP + 1) mod M and every rank learns its tokens (and which of its
+    /// sequences ended) from the tick's broadcast. Because M >= PP, those tokens are known before
+    /// the first stage takes that micro-batch again. Sampling keys and counters are per
+    /// sequence, so the tokens are those of the unpipelined loop.
+    fn decode_pipelined(
+        &mut self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        keys: &[u64],
+        active: Vec<usize>,
+        out: &mut Generation,
+        mut logits: Option<&mut Vec<Vec<Vec<f32>>>>,
+    ) -> Result<()> {
+        struct Micro {
+            seqs: Vec<usize>,
+            steps: usize,
+            last: Instant,
+        }
+        let (stages, stage) = (self.model.plan.pp, self.model.plan.pp_stage);
+        let m = self.microbatches.max(stages);
+        let per = active.len().div_ceil(m);
+        let decode_steps = opts.max_new_tokens - 1;
+        let start = Instant::now();
+        let mut micro: Vec<Micro> = (0..m)
+            .map(|g| Micro {
+                seqs: active.iter().copied().skip(g * per).take(per).collect(),
+                steps: 0,
+                last: start,
+            })
+            .collect();
+        let alive = |mb: &Micro| !mb.seqs.is_empty() && mb.steps < decode_steps;
+        let eos = self.model.cfg.eos_token_ids.clone();
+        let mut t = 0usize;
+        while micro.iter().any(alive) {
+            // This stage's micro-batch: its step k, if it still runs.
+            if let Some(g) = t.checked_sub(stage).map(|d| (d % m, d / m)).and_then(|(g, k)| {
+                let mb = &micro[g];
+                (alive(mb) && mb.steps == k).then_some(g)
+            }) {
+                let seqs = micro[g].seqs.clone();
+                let batch = StepBatch {
+                    seqs: seqs
+                        .iter()
+                        .map(|&i| SeqChunk {
+                            slot: i,
+                            start_pos: prompts[i].len() + out.tokens[i].len() - 1,
+                            len: 1,
+                        })
+                        .collect(),
+                };
+                let ids: Vec<u32> = seqs
+                    .iter()
+                    .map(|&i| *out.tokens[i].last().expect("a prefill token"))
+                    .collect();
+                let inputs = StepInputs {
+                    batch: &batch,
+                    ids: &ids,
+                    sample_keys: &seqs.iter().map(|&i| keys[i]).collect::<Vec<_>>(),
+                    sample_counters: &seqs.iter().map(|&i| out.tokens[i].len() as u64).collect::<Vec<_>>(),
+                };
+                self.run_stage(inputs, &opts.sampling, logits.as_deref_mut(), &seqs)?;
+            }
+            // The last stage's micro-batch of this tick: every rank takes its tokens.
+            if let Some(g) = (t + 1).checked_sub(stages).map(|d| (d % m, d / m)).and_then(|(g, k)| {
+                let mb = &micro[g];
+                (alive(mb) && mb.steps == k).then_some(g)
+            }) {
+                let next = self.sampled(micro[g].seqs.len())?;
+                let mb = &mut micro[g];
+                let now = Instant::now();
+                out.decode_steps.push(now - mb.last);
+                mb.last = now;
+                mb.steps += 1;
+                let mut still = Vec::with_capacity(mb.seqs.len());
+                for (&seq, &tok) in mb.seqs.iter().zip(&next) {
+                    out.tokens[seq].push(tok);
+                    if opts.ignore_eos || !eos.contains(&tok) {
+                        still.push(seq);
+                    }
+                }
+                mb.seqs = still;
+            }
+            t += 1;
+        }
+        Ok(())
     }
 }

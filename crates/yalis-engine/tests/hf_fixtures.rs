@@ -72,23 +72,39 @@ fn generate_with(
     steps: usize,
     replicated_head: bool,
 ) -> Generation {
-    let model = ResolvedModel::resolve(dir.to_str().unwrap()).unwrap();
-    let mut plan = ParallelPlan::new(&model.config, tp, pp).unwrap();
-    if replicated_head {
-        plan = plan.with_replicated_lm_head(&model.config);
-    }
-    let ckpt = Checkpoint::open(dir).unwrap();
     let opts = GenerateOptions {
         max_new_tokens: steps,
         sampling: SamplingParams::greedy(),
         ignore_eos: true,
         keep_logits: true,
     };
+    run(dir, prompts, (tp, pp, 1), replicated_head, &opts, None)
+}
+
+/// Generation at TP x PP with `microbatches` for pipelined decode; the sampling rank's result.
+fn run(
+    dir: &Path,
+    prompts: &[Vec<u32>],
+    (tp, pp, microbatches): (usize, usize, usize),
+    replicated_head: bool,
+    opts: &GenerateOptions,
+    eos: Option<&[u32]>,
+) -> Generation {
+    let mut model = ResolvedModel::resolve(dir.to_str().unwrap()).unwrap();
+    if let Some(eos) = eos {
+        model.config.eos_token_ids = eos.to_vec();
+    }
+    let mut plan = ParallelPlan::new(&model.config, tp, pp).unwrap();
+    if replicated_head {
+        plan = plan.with_replicated_lm_head(&model.config);
+    }
+    let ckpt = Checkpoint::open(dir).unwrap();
     let outs = run_threads(&plan, Duration::from_secs(120), |rp, comms| {
         let b = CpuBackend::new(comms.tp, comms.pp);
         let llama = Llama::load(&b, &model.config, rp, &ckpt, 64, &mut |_, _| {})?;
         let mut engine = Engine::new(b, llama, comms.world, prompts.len(), 64)?;
-        engine.generate(prompts, &opts)
+        engine.set_pp_microbatches(microbatches);
+        engine.generate(prompts, opts)
     })
     .unwrap();
     // Every rank has the tokens; the sampling rank (last stage, TP rank 0) has the logits.
@@ -167,6 +183,64 @@ fn replicated_lm_head_gives_the_same_tokens_and_logits() {
             {
                 assert!((a - b).abs() <= TOL, "{name} tp={tp} pp={pp}: {a} vs {b}");
             }
+        }
+    }
+}
+
+#[test]
+fn pipelined_decode_gives_the_unpipelined_tokens_and_logits() {
+    for name in ["gqa-llama3", "tied-odd"] {
+        let dir = fixture(name);
+        let r = reference(&dir);
+        let base = generate(&dir, &r.input_ids, 1, 1, r.steps);
+        let greedy = GenerateOptions {
+            max_new_tokens: r.steps,
+            sampling: SamplingParams::greedy(),
+            ignore_eos: true,
+            keep_logits: true,
+        };
+        // M below PP is raised to PP; M above the prompt count leaves micro-batches empty.
+        for (tp, pp, m) in [(1, 2, 2), (1, 2, 3), (2, 2, 2), (1, 2, 1), (4, 2, 5)] {
+            let g = run(&dir, &r.input_ids, (tp, pp, m), false, &greedy, None);
+            assert_eq!(g.tokens, r.greedy, "{name} tp={tp} pp={pp} microbatches={m}");
+            for (a, b) in g
+                .logits
+                .iter()
+                .flatten()
+                .flatten()
+                .zip(base.logits.iter().flatten().flatten())
+            {
+                assert!((a - b).abs() <= TOL, "{name} tp={tp} pp={pp} m={m}: {a} vs {b}");
+            }
+            assert_eq!(
+                g.logits.iter().map(Vec::len).collect::<Vec<_>>(),
+                vec![r.steps; r.input_ids.len()]
+            );
+        }
+        // Sampled tokens, with sequences ending at eos at different steps: the same per sequence.
+        // The eos ids are tokens the free-running generation draws at steps 3 and 7.
+        let mut sampled = GenerateOptions {
+            max_new_tokens: 16,
+            sampling: SamplingParams {
+                temperature: 1.5,
+                seed: 7,
+                ..SamplingParams::greedy()
+            },
+            ignore_eos: true,
+            keep_logits: false,
+        };
+        let free = run(&dir, &r.input_ids, (1, 1, 1), false, &sampled, None);
+        let eos = [free.tokens[0][3], free.tokens[1][7]];
+        sampled.ignore_eos = false;
+        let one = run(&dir, &r.input_ids, (1, 1, 1), false, &sampled, Some(&eos));
+        let lens: Vec<usize> = one.tokens.iter().map(Vec::len).collect();
+        assert!(
+            lens.iter().any(|&l| l < 16) && lens.iter().min() != lens.iter().max(),
+            "{lens:?}"
+        );
+        for m in [2, 3] {
+            let g = run(&dir, &r.input_ids, (1, 2, m), false, &sampled, Some(&eos));
+            assert_eq!(g.tokens, one.tokens, "{name}: sampled, microbatches={m}");
         }
     }
 }

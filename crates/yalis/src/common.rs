@@ -110,6 +110,11 @@ pub struct ModelArgs {
     /// Capture each decode step as one CUDA graph per batch size and replay it.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub cuda_graphs: OnOff,
+    /// With PP > 1: decode in this many micro-batches (at least PP) that flow through the stages
+    /// one behind the other, so the stages work at once; 1 runs each step through the stages in
+    /// turn.
+    #[arg(long, default_value_t = 1)]
+    pub pp_microbatches: usize,
     /// How the ranks run when no launcher (srun, mpirun, RANK/WORLD_SIZE) started this process:
     /// one child process per rank, or threads of this process.
     #[arg(long, value_enum, default_value_t = RanksMode::Processes)]
@@ -186,6 +191,7 @@ pub struct Runtime {
     /// Free memory of the smallest device, for the planner's fit check.
     pub capacity: Option<u64>,
     pub cuda_graphs: bool,
+    pub pp_microbatches: usize,
     /// Per rank: (process, host), e.g. ("thread 3", "nid001") or ("pid 1234", "nid002").
     pub places: Vec<(String, String)>,
     pub nvrar: NvrarOpts,
@@ -251,6 +257,9 @@ impl ModelArgs {
             ),
             (Device::Cuda, true) => bail!("--device cuda: no CUDA GPU is visible here (libcuda missing, or CUDA_VISIBLE_DEVICES empty); run with --device cpu"),
         };
+        if self.pp_microbatches == 0 {
+            bail!("--pp-microbatches must be at least 1 (1: no pipelined decode)");
+        }
         let allreduce = match (self.allreduce, device) {
             (AllReduce::Auto, "cpu") => "host (threads)",
             (a, "cpu") => bail!(
@@ -283,6 +292,7 @@ impl ModelArgs {
             devices,
             capacity,
             cuda_graphs: self.cuda_graphs == OnOff::On,
+            pp_microbatches: self.pp_microbatches,
             places: (0..world)
                 .map(|r| (format!("thread {r}"), yalis_comm::hostname()))
                 .collect(),
@@ -311,16 +321,7 @@ pub fn build_engine(
         return build_cuda(model, rp, comms, src, rt, max_batch, max_seq);
     }
     let b = CpuBackend::new(comms.tp, comms.pp);
-    Ok(Box::new(load(
-        b,
-        model,
-        rp,
-        comms.world,
-        src,
-        max_batch,
-        max_seq,
-        rt.cuda_graphs,
-    )?))
+    Ok(Box::new(load(b, model, rp, comms.world, src, max_batch, max_seq, rt)?))
 }
 
 #[cfg(feature = "cuda")]
@@ -365,16 +366,7 @@ fn build_cuda(
         let max_bytes = (max_tokens * model.config.hidden_size * 2).clamp(1 << 20, 16 << 20);
         set_up_nvrar(&mut b, rp, comms.world.as_ref(), rt, max_bytes)?;
     }
-    Ok(Box::new(load(
-        b,
-        model,
-        rp,
-        comms.world,
-        src,
-        max_batch,
-        max_seq,
-        rt.cuda_graphs,
-    )?))
+    Ok(Box::new(load(b, model, rp, comms.world, src, max_batch, max_seq, rt)?))
 }
 
 /// NVRAR for the TP all-reduce when the runtime asks for it: rank 0 makes the NVSHMEM unique id
@@ -451,7 +443,7 @@ fn load<B: Backend + 'static>(
     src: &dyn WeightSource,
     max_batch: usize,
     max_seq: usize,
-    cuda_graphs: bool,
+    rt: &Runtime,
 ) -> yalis_engine::Result<Engine<B>> {
     let bar = (rp.rank == 0).then(|| {
         let bar = ProgressBar::new(1).with_style(
@@ -471,7 +463,8 @@ fn load<B: Backend + 'static>(
         bar.finish_and_clear();
     }
     let mut engine = Engine::new(b, llama, world, max_batch, max_seq)?;
-    engine.set_cuda_graphs(cuda_graphs);
+    engine.set_cuda_graphs(rt.cuda_graphs);
+    engine.set_pp_microbatches(rt.pp_microbatches);
     Ok(engine)
 }
 
@@ -554,6 +547,7 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
                 "max_blocks": rt.nvrar.nvrar_blocks, "oneshot_bytes": rt.nvrar.nvrar_oneshot_bytes, "ll_bytes": rt.nvrar.nvrar_ll_bytes, "force_put": rt.nvrar.nvrar_put,
             }),
             "comm_timeout_s": rt.timeout.as_secs(),
+            "pp_microbatches": rt.pp_microbatches,
             "ranks": plan.ranks.iter().map(|r| json!({
                 "rank": r.rank, "pp_stage": r.pp_stage, "tp_rank": r.tp_rank,
                 "layers": [r.layers.start, r.layers.end], "device": rt.devices[r.rank],

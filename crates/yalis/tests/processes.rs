@@ -226,6 +226,26 @@ fn self_started_2x2_matches_one_rank() {
     }
 }
 
+/// Pipelined decode (micro-batches flowing through the stages) across processes gives the one
+/// rank's tokens and logits.
+#[test]
+fn pipelined_decode_across_processes_matches_one_rank() {
+    for name in ["gqa-llama3", "tied-odd"] {
+        let dir = fixture(name);
+        let single = generate(&dir, &[]);
+        for m in ["2", "3"] {
+            let multi = generate(&dir, &["--tp", "2", "--pp", "2", "--pp-microbatches", m]);
+            assert_same(
+                name,
+                &single,
+                &multi,
+                &format!("tp=2 pp=2 processes, {m} micro-batches"),
+            );
+            assert_eq!(multi.records[0]["layout"]["pp_microbatches"], m.parse::<u64>().unwrap());
+        }
+    }
+}
+
 /// Four ranks started by hand: two through RANK/WORLD_SIZE/MASTER_*, two through the flags.
 #[test]
 fn ranks_started_by_hand_match_one_rank() {
