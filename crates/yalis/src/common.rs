@@ -382,6 +382,8 @@ pub fn set_up_nvrar(
 ) -> yalis_engine::Result<()> {
     use yalis_cuda::backend::AllReducePolicy;
     let mut policy = match rt.allreduce {
+        // A TP group of one has no all-reduce: NVSHMEM is not started for PP alone.
+        _ if rp.tp == 1 => return Ok(()),
         "nvrar" => AllReducePolicy::Nvrar,
         AUTO_DESCRIPTION => AllReducePolicy::Auto { nvrar_max_bytes: 0 },
         _ => return Ok(()),
