@@ -414,12 +414,16 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
 
     // 2. Recursive doubling across nodes, on this GPU's shard (kept in `out` between steps).
     if (N > 1) {
+        // Every exchange carries at least line 0, even when this GPU's shard is empty (tiny
+        // messages): the slot-reuse argument needs every call to hear from every partner.
+        auto dummy = [&](u64 j) { return j == 0 && !valid(g, 0); };
         auto receive = [&](int from_slot, int from, bool add, const char *what) {
             w.what = what;
             for (u64 j0 = first; j0 < S; j0 += stride) {
                 const u64 j = j0 + threadIdx.x;
-                if (!valid(g, j)) continue;
+                if (!valid(g, j) && !dummy(j)) continue;
                 const uint2 got = ld_line(slot(mine, from_slot) + j, e, w, from, j);
+                if (dummy(j)) continue;
                 P::store(a.out, g * S + j, a.n, add ? P::sum2(P::load(a.out, g * S + j, a.n), got) : got);
             }
         };
@@ -431,7 +435,7 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
             for (u64 j0 = first; j0 < S; j0 += stride) {
                 const u64 j = j0 + threadIdx.x;
                 const bool ok = valid(g, j);
-                to.send(j, ok, ok ? P::load(a.out, g * S + j, a.n) : make_uint2(0, 0), e);
+                to.send(j, ok || dummy(j), ok ? P::load(a.out, g * S + j, a.n) : make_uint2(0, 0), e);
             }
         };
         if (node >= N2) {
