@@ -23,6 +23,9 @@ import sys
 import tempfile
 from collections import defaultdict
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plot_scaling import read_records  # noqa: E402  (the one JSONL reader of the plot scripts)
+
 PNGS = ("allreduce_latency.png", "allreduce_speedup.png")
 
 
@@ -32,22 +35,12 @@ def load(paths):
     nccl = defaultdict(dict)
     for path in paths:
         name = os.path.splitext(os.path.basename(path))[0]
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    sys.exit(f"{path}:{n}: not JSON: {e}")
-                if r.get("kind") != "all_reduce":
-                    continue
-                c, res = r["config"], r["results"]
-                key = (name, c["ranks"], c.get("backend_detail") or c["backend"])
-                series[key][c["bytes"]] = (res["us_per_call"], res["wrong"])
-                if c["backend"] == "nccl":
-                    nccl[(name, c["ranks"])][c["bytes"]] = res["us_per_call"]
+        for r in read_records(path, "all_reduce", "plot_allreduce"):
+            c, res = r["config"], r["results"]
+            key = (name, c["ranks"], c.get("backend_detail") or c["backend"])
+            series[key][c["bytes"]] = (res["us_per_call"], res["wrong"])
+            if c["backend"] == "nccl":
+                nccl[(name, c["ranks"])][c["bytes"]] = res["us_per_call"]
     if not series:
         sys.exit("no all_reduce records in " + ", ".join(paths))
     return series, nccl
@@ -55,6 +48,19 @@ def load(paths):
 
 def size_label(b):
     return f"{b >> 20}M" if b >= 1 << 20 else f"{b >> 10}K" if b >= 1 << 10 else str(b)
+
+
+def save(plt, fig, ax, ylabel, title, path):
+    """Log-2 size axis, labels, grid and legend; writes the PNG and closes the figure."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message (bytes)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(paths, out_dir):
@@ -74,16 +80,8 @@ def plot(paths, out_dir):
         if bad:
             ax.plot(bad, [pts[x][0] for x in bad], "rx", ms=10)
             wrong += [f"{name} {detail} at {size_label(x)}" for x in bad]
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("message (bytes)")
-    ax.set_ylabel("time per call (us)")
-    ax.set_title("all-reduce latency")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, PNGS[0]), dpi=120)
-    plt.close(fig)
+    save(plt, fig, ax, "time per call (us)", "all-reduce latency", os.path.join(out_dir, PNGS[0]))
 
     fig, ax = plt.subplots(figsize=(9, 6))
     for (name, ranks, detail), pts in sorted(series.items()):
@@ -93,15 +91,7 @@ def plot(paths, out_dir):
             continue
         ax.plot(xs, [base[x] / pts[x][0] for x in xs], marker="o", ms=3, label=f"{name}: {detail}")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("message (bytes)")
-    ax.set_ylabel("NCCL time / this backend's (same run)")
-    ax.set_title("speed-up over NCCL")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, PNGS[1]), dpi=120)
-    plt.close(fig)
+    save(plt, fig, ax, "NCCL time / this backend's (same run)", "speed-up over NCCL", os.path.join(out_dir, PNGS[1]))
     for w in wrong:
         print(f"plot_allreduce: wrong sums recorded: {w}", file=sys.stderr)
     return [os.path.join(out_dir, p) for p in PNGS]

@@ -29,22 +29,27 @@ from collections import defaultdict
 PNGS = ("batch_latency.png", "decode_step.png", "efficiency.png")
 
 
-def load(paths):
-    """The batch-latency records of the files, skipping other kinds; bad lines name their place."""
+def read_records(path, kind, tool="plot_scaling"):
+    """The records of `kind` in one JSONL file (a record without a kind counts as batch_latency);
+    a bad line names its place."""
     records = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    sys.exit(f"plot_scaling: {path}:{n}: not JSON: {e}")
-                if r.get("kind", "batch_latency") == "batch_latency":
-                    records.append(r)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"{tool}: {path}:{n}: not JSON: {e}")
+            if r.get("kind", "batch_latency") == kind:
+                records.append(r)
     return records
+
+
+def load(paths):
+    """The batch-latency records of the files, skipping other kinds."""
+    return [r for path in paths for r in read_records(path, "batch_latency")]
 
 
 def series(records):

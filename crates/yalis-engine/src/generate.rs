@@ -31,6 +31,20 @@ pub struct Generation {
     pub decode_steps: Vec<Duration>,
 }
 
+/// The decode step of sequences `seqs`: each feeds its last token at the position after it.
+fn decode_batch(prompts: &[Vec<u32>], tokens: &[Vec<u32>], seqs: &[usize]) -> StepBatch {
+    StepBatch {
+        seqs: seqs
+            .iter()
+            .map(|&i| SeqChunk {
+                slot: i,
+                start_pos: prompts[i].len() + tokens[i].len() - 1,
+                len: 1,
+            })
+            .collect(),
+    }
+}
+
 pub struct Engine<B: Backend> {
     pub backend: B,
     pub model: Llama<B>,
@@ -243,16 +257,7 @@ impl<B: Backend> Engine<B> {
                 self.decode_pipelined(prompts, opts, &keys, active, &mut out, logits.as_mut())?;
                 break;
             }
-            batch = StepBatch {
-                seqs: active
-                    .iter()
-                    .map(|&i| SeqChunk {
-                        slot: i,
-                        start_pos: prompts[i].len() + out.tokens[i].len() - 1,
-                        len: 1,
-                    })
-                    .collect(),
-            };
+            batch = decode_batch(prompts, &out.tokens, &active);
         }
         out.logits = logits.unwrap_or_default();
         Ok(out)
@@ -301,16 +306,7 @@ impl<B: Backend> Engine<B> {
                 (alive(mb) && mb.steps == k).then_some(g)
             }) {
                 let seqs = micro[g].seqs.clone();
-                let batch = StepBatch {
-                    seqs: seqs
-                        .iter()
-                        .map(|&i| SeqChunk {
-                            slot: i,
-                            start_pos: prompts[i].len() + out.tokens[i].len() - 1,
-                            len: 1,
-                        })
-                        .collect(),
-                };
+                let batch = decode_batch(prompts, &out.tokens, &seqs);
                 let ids: Vec<u32> = seqs
                     .iter()
                     .map(|&i| *out.tokens[i].last().expect("a prefill token"))

@@ -114,6 +114,19 @@ fn run(
     outs.into_iter().nth((pp - 1) * tp).unwrap()
 }
 
+/// Every kept logit of `g` within TOL of `base`'s.
+fn assert_logits_close(g: &Generation, base: &Generation, what: &str) {
+    for (a, b) in g
+        .logits
+        .iter()
+        .flatten()
+        .flatten()
+        .zip(base.logits.iter().flatten().flatten())
+    {
+        assert!((a - b).abs() <= TOL, "{what}: {a} vs {b}");
+    }
+}
+
 fn check_fixture(name: &str, layouts: &[(usize, usize)]) {
     let dir = fixture(name);
     let r = reference(&dir);
@@ -174,15 +187,7 @@ fn replicated_lm_head_gives_the_same_tokens_and_logits() {
         for (tp, pp) in [(2, 1), (4, 2)] {
             let g = generate_with(&dir, &r.input_ids, tp, pp, r.steps, true);
             assert_eq!(g.tokens, r.greedy, "{name} tp={tp} pp={pp} replicated head");
-            for (a, b) in g
-                .logits
-                .iter()
-                .flatten()
-                .flatten()
-                .zip(base.logits.iter().flatten().flatten())
-            {
-                assert!((a - b).abs() <= TOL, "{name} tp={tp} pp={pp}: {a} vs {b}");
-            }
+            assert_logits_close(&g, &base, &format!("{name} tp={tp} pp={pp}"));
         }
     }
 }
@@ -203,15 +208,7 @@ fn pipelined_decode_gives_the_unpipelined_tokens_and_logits() {
         for (tp, pp, m) in [(1, 2, 2), (1, 2, 3), (2, 2, 2), (1, 2, 1), (4, 2, 5)] {
             let g = run(&dir, &r.input_ids, (tp, pp, m), false, &greedy, None);
             assert_eq!(g.tokens, r.greedy, "{name} tp={tp} pp={pp} microbatches={m}");
-            for (a, b) in g
-                .logits
-                .iter()
-                .flatten()
-                .flatten()
-                .zip(base.logits.iter().flatten().flatten())
-            {
-                assert!((a - b).abs() <= TOL, "{name} tp={tp} pp={pp} m={m}: {a} vs {b}");
-            }
+            assert_logits_close(&g, &base, &format!("{name} tp={tp} pp={pp} m={m}"));
             assert_eq!(
                 g.logits.iter().map(Vec::len).collect::<Vec<_>>(),
                 vec![r.steps; r.input_ids.len()]
