@@ -1,11 +1,9 @@
 // Decode GEMV: out[m, n] = sum_k x[m, k] * w[n, k] for a small batch (M = 1..8 rows of x) against
 // a bf16 weight in the HF Linear layout (w [N, K] row-major), f32 accumulation; and the same with
-// the MLP's SiLU-gate fused into the input (gemv_silu_bf16, for the down projection), or the
-// layer's residual add + RMSNorm (gemv_norm_bf16, for qkv and gate|up).
+// the MLP's SiLU-gate fused into the input (gemv_silu_bf16, for the down projection).
 //
-// LAUNCH (all three): grid (ceil(N / GEMV_ROWS_PER_BLOCK)) = ceil(N / 16), block (256), no
-// dynamic shared memory (static 5 KB for gemv_bf16 and gemv_norm_bf16, 29.7 KB for
-// gemv_silu_bf16).
+// LAUNCH (both kernels): grid (ceil(N / GEMV_ROWS_PER_BLOCK)) = ceil(N / 16), block (256), no
+// dynamic shared memory (static 5 KB for gemv_bf16, 29.7 KB for gemv_silu_bf16).
 //
 // Decode at small batch is bound by reading every weight once per step, so everything here serves
 // one aim: keep enough 16-byte weight loads in flight on every SM to saturate HBM, and make the
@@ -53,17 +51,8 @@
 // per 4 KB at M = 8): the blocks [ceil(N / 32), ceil(N / 16)) of the same grid exit at once, and
 // the SiLU work per weight byte halves. Otherwise it is the 16-row layout of gemv_bf16.
 //
-// gemv_norm_bf16. The layer's residual add + RMSNorm folded into the projection after it (qkv,
-// gate|up) for decode: B = bf16(nw * r), r = bf16(res + delta), and the row's 1 / rms, which needs
-// all of r, scales the f32 sums in the epilogue. The sum of r^2 costs nothing extra: the block
-// reads every k of every row once anyway (lane (g, t) of warp wi holds row g at its k), so each
-// lane adds up its own squares, 4 lanes and 8 warps are summed in a fixed order at the end, and
-// block 0 writes r out as the new residual. This saves the add_rms_norm kernel (one block per
-// row, a few us of latency and a kernel boundary) twice per layer, at the price of reading three
-// [M, K] rows (res, delta, nw) instead of one per block.
-//
 // Registers (ptxas, sm_90a, CUDA 13.0): gemv_bf16 80 (3 blocks per SM), gemv_silu_bf16 114 (2
-// blocks per SM), gemv_norm_bf16 108 (2 blocks per SM); no spills, no stack. Keep the minimum-blocks argument of __launch_bounds__:
+// blocks per SM); no spills, no stack. Keep the minimum-blocks argument of __launch_bounds__:
 // without it ptxas aimed at 64 registers and interleaved the weight loads with the MMAs (two
 // memory latencies per step instead of one).
 //
@@ -85,9 +74,6 @@
 // Per-warp act staging buffer of gemv_silu_bf16: 8 rows; a step of U tiles uses a row stride of
 // 32 U + 32 bf16 (so the 16-byte fragment reads of rows g and g + 1 hit distinct banks).
 #define GEMV_ACT_WARP (8 * (32 * GEMV_UNROLL + 32))
-// gemv_norm_bf16's minimum blocks per SM: at 3 (80 registers) ptxas spills the norm's
-// temporaries; at 2 it takes 108 registers and no spills (64 KB of weights in flight per SM).
-#define GEMV_NORM_MIN_BLOCKS 2
 
 namespace {
 
@@ -176,51 +162,6 @@ struct XFrag {
                 const uint4 v = ld_cached16(xr + k);
                 b[u] = make_uint4(v.x & mask, v.y & mask, v.z & mask, v.w & mask);
             }
-        }
-    }
-};
-
-// gemv_norm_bf16: the RMSNorm (and residual add) of the layer's input, from the rows it reads
-// anyway. B = bf16(nw[k] * r[k]) with r = bf16(res + delta) (or res), the row's 1 / rms applied
-// in the epilogue; each lane adds up r^2 of its own k (every k of a row is read by exactly one
-// lane of the block), and block 0 writes r to res_out.
-struct NormFrag {
-    const bf16* res;    // residual row min(g, M - 1)
-    const bf16* delta;  // the same row of the delta, or null (plain RMSNorm)
-    const bf16* nw;     // norm weight [K]
-    bf16* res_out;      // the same row of the new residual (block 0, g < M, delta given), or null
-    unsigned mask;      // g < M ? ~0 : 0
-    int t;
-    mutable float ss;   // sum of r^2 over this lane's k
-
-    template <int U, bool CHECK>
-    __device__ __forceinline__ void load(int j0, int K, uint4 (&b)[U]) const {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int k = (j0 + 8 * u) * 32 + 8 * t;
-            if (CHECK && k >= K) {
-                b[u] = zero4();
-                continue;
-            }
-            float r[8], wv[8];
-            unpack8(ld_cached16(res + k), r);
-            if (delta) {
-                float d[8];
-                unpack8(ld_cached16(delta + k), d);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) r[i] += d[i];
-                const uint4 rr = pack8(r);  // the residual stream is bf16: round, then norm it
-                unpack8(rr, r);
-                if (res_out) store8(res_out + k, rr);
-            }
-            unpack8(ld_cached16(nw + k), wv);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                ss = fmaf(r[i], r[i], ss);
-                wv[i] *= r[i];
-            }
-            const uint4 v = pack8(wv);
-            b[u] = make_uint4(v.x & mask, v.y & mask, v.z & mask, v.w & mask);
         }
     }
 };
@@ -326,12 +267,9 @@ struct Red {
 #define GEMV_RED_FLOATS (GEMV_WARPS * 8 * 36)
 
 // The block's 8 partial (16 RT) x 8 tiles -> out rows m0 .. m0 + mc - 1, columns n0 .. n0 + 16 RT - 1.
-// With `ssq` (gemv_norm_bf16: [warp][m] partial sums of r^2), row m's sums are scaled by
-// rsqrt(mean(r^2) + eps) before rounding.
 template <int RT>
 __device__ __forceinline__ void gemv_epilogue(const float (&acc)[RT][2][4], float* red, int wi, int g, int t, int n0,
-                                              int N, int m0, int mc, void* out, int out_f32,
-                                              const float* ssq = nullptr, int K = 0, float eps = 0.0f) {
+                                              int N, int m0, int mc, void* out, int out_f32) {
     constexpr int S = Red<RT>::S, ROWS = 16 * RT;
     __syncthreads();  // an earlier group may still be reading red
     float* r = red + wi * Red<RT>::WARP;
@@ -349,12 +287,6 @@ __device__ __forceinline__ void gemv_epilogue(const float (&acc)[RT][2][4], floa
             float s = 0.0f;
 #pragma unroll
             for (int v = 0; v < GEMV_WARPS; ++v) s += red[v * Red<RT>::WARP + m * S + row];
-            if (ssq) {
-                float q = 0.0f;
-#pragma unroll
-                for (int v = 0; v < GEMV_WARPS; ++v) q += ssq[v * 8 + m];
-                s *= rsqrtf(q / static_cast<float>(K) + eps);
-            }
             const long long o = static_cast<long long>(m0 + m) * N + n;
             if (out_f32)
                 static_cast<float*>(out)[o] = s;
@@ -485,40 +417,6 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3)
         gemv_k_loop<1, GEMV_UNROLL>(wr, wi, t, K, fr, acc);
         gemv_epilogue<1>(acc, red, wi, g, t, n0, N, m0, mc, out, out_f32);
     }
-}
-
-// res_out = bf16(res + delta) (when delta is not null; else r = res and res_out is untouched),
-// then out[m, n] = rsqrt(mean(r[m]^2) + eps) * sum_k bf16(nw[k] * r[m, k]) * w[n, k]: the
-// layer's add + RMSNorm and the projection after it in one kernel (the unfused order rounds
-// w * (r / rms) to bf16 instead; the two agree to bf16 rounding). out as gemv_bf16.
-// res, delta, res_out [M, K] bf16 (res_out must not overlap res or delta), nw [K] bf16,
-// w [N, K] bf16; 1 <= M <= 8, K % 8 == 0, every pointer 16-byte aligned (the host checks).
-// grid (ceil(N / GEMV_ROWS_PER_BLOCK)) = ceil(N / 16), block (256), no dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS, GEMV_NORM_MIN_BLOCKS)
-    gemv_norm_bf16(const bf16* res, const bf16* delta, const bf16* nw, bf16* res_out, const bf16* w, void* out, int M,
-                   int N, int K, float eps, int out_f32) {
-    pdl_wait();
-    __shared__ float red[8 * Red<1>::WARP];
-    __shared__ float ssq[GEMV_WARPS * 8];
-    const int n0 = blockIdx.x * GEMV_ROWS_PER_BLOCK;
-    if (n0 >= N || M < 1 || M > 8) return;  // block-uniform
-    const int lane = lane_id(), wi = warp_id(), g = lane >> 2, t = lane & 3;
-    const WRows<1> wr = gemv_rows<1>(w, n0, N, K, g);
-    const long long row = static_cast<long long>(min(g, M - 1)) * K;
-    const NormFrag fr{res + row,
-                      delta ? delta + row : nullptr,
-                      nw,
-                      blockIdx.x == 0 && delta && g < M ? res_out + row : nullptr,
-                      g < M ? ~0u : 0u,
-                      t,
-                      0.0f};
-    float acc[1][2][4] = {{{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}}};
-    gemv_k_loop<1, GEMV_UNROLL>(wr, wi, t, K, fr, acc);
-    float ss = fr.ss;
-    ss += __shfl_xor_sync(FULL_MASK, ss, 1);
-    ss += __shfl_xor_sync(FULL_MASK, ss, 2);
-    if (t == 0) ssq[wi * 8 + g] = ss;  // read after the epilogue's barriers
-    gemv_epilogue<1>(acc, red, wi, g, t, n0, N, 0, M, out, out_f32, ssq, K, eps);
 }
 
 // out[m, n] = sum_k act[m, k] * w[n, k] with act[m, k] = bf16(silu(gate_up[m, k]) * gate_up[m, K + k])

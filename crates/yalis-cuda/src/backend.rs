@@ -221,7 +221,7 @@ const KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("sampling", &["sample_tokens_f32"]),
-    ("gemv", &["gemv_bf16", "gemv_silu_bf16", "gemv_norm_bf16"]),
+    ("gemv", &["gemv_bf16", "gemv_silu_bf16"]),
 ];
 
 impl Kernels {
@@ -285,8 +285,6 @@ pub struct CudaBackend {
     /// kernel); tests switch it to check both.
     prefill_mma: std::cell::Cell<bool>,
     gemv_on: std::cell::Cell<bool>,
-    /// The residual add + RMSNorm folded into the decode GEMV after it (gemv_norm_bf16).
-    fuse_norm: std::cell::Cell<bool>,
     pdl: std::cell::Cell<bool>,
     /// NCCL groups and this rank's PP stage, for TP x PP > 1.
     nccl: Option<(crate::nccl::NcclGroups, usize)>,
@@ -436,7 +434,6 @@ impl CudaBackend {
             tp_size,
             prefill_mma: std::cell::Cell::new(true),
             gemv_on: std::cell::Cell::new(true),
-            fuse_norm: std::cell::Cell::new(std::env::var_os("YALIS_FUSE_NORM").is_none_or(|v| v != "0")),
             pdl: std::cell::Cell::new(std::env::var_os("YALIS_PDL").is_none_or(|v| v != "0")),
             nccl: None,
             nvrar: None,
@@ -545,12 +542,6 @@ impl CudaBackend {
         params: &mut [*mut c_void],
     ) -> std::result::Result<(), DriverError> {
         launch_on(f, grid, block, smem, self.stream.cu_stream(), self.pdl.get(), params)
-    }
-
-    /// The norm folded into the decode GEMV (default; `YALIS_FUSE_NORM=0` turns it off) or the
-    /// add_rms_norm kernel and the GEMV; tests and benchmarks compare both.
-    pub fn set_fuse_norm(&self, on: bool) {
-        self.fuse_norm.set(on);
     }
 
     /// Programmatic dependent launch on (default) or off; benchmarks compare both.
@@ -1115,58 +1106,6 @@ impl Backend for CudaBackend {
         )?;
         launch!(self, "add_rms_norm_bf16", (u32s(residual.rows), 1, 1), (256, 1, 1), 0;
             residual.ptr, delta.ptr, w.buf.ptr, out.ptr, residual.rows as i32, residual.cols as i32, eps)
-    }
-
-    fn norm_matmul(
-        &self,
-        residual: &mut CudaTensor,
-        delta: Option<&CudaTensor>,
-        norm: &CudaWeight,
-        eps: f32,
-        w: &CudaWeight,
-        out: &mut CudaTensor,
-    ) -> Result<()> {
-        let (rows, cols) = (residual.rows, residual.cols);
-        check(
-            "norm_matmul",
-            norm.cols == cols
-                && w.cols == cols
-                && out.rows == rows
-                && out.cols == w.rows
-                && delta.is_none_or(|d| d.rows == rows && d.cols == cols),
-            || {
-                format!(
-                    "residual [{rows}, {cols}], delta {:?}, norm {}, w [{}, {}], out [{}, {}]",
-                    delta.map(|d| (d.rows, d.cols)),
-                    norm.cols,
-                    w.rows,
-                    w.cols,
-                    out.rows,
-                    out.cols
-                )
-            },
-        )?;
-        // Every tensor and weight starts 256-byte aligned, and use_gemv asks K % 8 == 0, which
-        // is all gemv_norm_bf16 needs besides 1..=8 rows.
-        if self.fuse_norm.get() && rows >= 1 && self.use_gemv(rows, w) && residual.dtype == DType::Bf16 {
-            let sum = delta.map(|_| self.alloc(rows, cols)).transpose()?;
-            let out_f32 = i32::from(out.dtype == DType::F32);
-            let grid = (u32s(w.rows.div_ceil(GEMV_ROWS_PER_BLOCK)), 1, 1);
-            let null: sys::CUdeviceptr = 0;
-            launch!(self, "gemv_norm_bf16", grid, (256, 1, 1), 0;
-                residual.ptr, delta.map_or(null, |d| d.ptr), norm.buf.ptr, sum.as_ref().map_or(null, |t| t.ptr),
-                w.buf.ptr, out.ptr, rows as i32, w.rows as i32, cols as i32, eps, out_f32)?;
-            if let Some(sum) = sum {
-                *residual = sum;
-            }
-            return Ok(());
-        }
-        let mut x = self.alloc(rows, cols)?;
-        match delta {
-            Some(d) => self.add_rms_norm(residual, d, norm, eps, &mut x)?,
-            None => self.rms_norm(residual, norm, eps, &mut x)?,
-        }
-        self.matmul(&x, w, out)
     }
 
     fn add(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {

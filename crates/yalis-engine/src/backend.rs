@@ -142,18 +142,6 @@ pub trait Backend {
         eps: f32,
         out: &mut Self::Tensor,
     ) -> Result<()>;
-    /// `residual += delta` (when given), then `out = (rms_norm(residual) * norm) w^T`: a layer's
-    /// norm and the projection after it, which a backend may fuse. A backend may hand back the
-    /// sum in a new tensor (it replaces `residual`).
-    fn norm_matmul(
-        &self,
-        residual: &mut Self::Tensor,
-        delta: Option<&Self::Tensor>,
-        norm: &Self::Weight,
-        eps: f32,
-        w: &Self::Weight,
-        out: &mut Self::Tensor,
-    ) -> Result<()>;
     /// `acc += x`.
     fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
     /// Rotates the q and k heads of `qkv` in place (HF half-split pairs); `cos`/`sin` are

@@ -266,23 +266,6 @@ impl Backend for CpuBackend {
         self.rms_norm(residual, w, eps, out)
     }
 
-    fn norm_matmul(
-        &self,
-        residual: &mut CpuTensor,
-        delta: Option<&CpuTensor>,
-        norm: &CpuWeight,
-        eps: f32,
-        w: &CpuWeight,
-        out: &mut CpuTensor,
-    ) -> Result<()> {
-        let mut x = self.alloc(residual.rows, residual.cols)?;
-        match delta {
-            Some(d) => self.add_rms_norm(residual, d, norm, eps, &mut x)?,
-            None => self.rms_norm(residual, norm, eps, &mut x)?,
-        }
-        self.matmul(&x, w, out)
-    }
-
     fn add(&self, acc: &mut CpuTensor, x: &CpuTensor) -> Result<()> {
         check("add", acc.rows == x.rows && acc.cols == x.cols, || {
             format!("[{}, {}] += [{}, {}]", acc.rows, acc.cols, x.rows, x.cols)

@@ -4,7 +4,6 @@
 //! ids -> embedding (first stage) | receive hidden (later stages)
 //!   per layer: RMSNorm -> QKV -> RoPE -> KV write -> attention -> O (+all-reduce) -> add+RMSNorm
 //!              -> gate|up -> SiLU*mul -> down (+all-reduce) -> add
-//!   (each add+RMSNorm goes to the backend with the projection after it: `norm_matmul`)
 //! -> send hidden (not last stage) | final RMSNorm -> LM head (+gather) -> logits (last stage)
 //! ```
 
@@ -47,26 +46,11 @@ pub struct Llama<B: Backend> {
     eps: f32,
 }
 
-/// The residual stream through a layer's norm into the projection after it: `hidden += delta`
-/// (the previous block's output, when there is one), then `rms_norm(hidden) * norm` through `w`.
-struct Norm<'a, B: Backend> {
-    hidden: &'a mut B::Tensor,
-    delta: Option<B::Tensor>,
-    weight: &'a B::Weight,
-    eps: f32,
-}
-
-impl<B: Backend> Norm<'_, B> {
-    fn matmul(self, b: &B, w: &ColumnParallelLinear<B>, out: &mut B::Tensor) -> Result<()> {
-        b.norm_matmul(self.hidden, self.delta.as_ref(), self.weight, self.eps, &w.weight, out)
-    }
-}
-
 impl<B: Backend> Attention<B> {
     fn forward(
         &self,
         b: &B,
-        x: Norm<B>,
+        x: &B::Tensor,
         batch: &StepBatch,
         cache: &mut B::KvCache,
         rope: (&B::Weight, &B::Weight),
@@ -75,7 +59,7 @@ impl<B: Backend> Attention<B> {
         let t = batch.num_tokens();
         let l = self.layout;
         let mut qkv = b.alloc(t, l.width())?;
-        x.matmul(b, &self.qkv, &mut qkv)?;
+        self.qkv.forward(b, x, &mut qkv)?;
         b.rope_write_kv(&mut qkv, l, batch, rope.0, rope.1, cache)?;
         let mut attn = b.alloc(t, l.q_heads * l.head_dim)?;
         b.attention(&qkv, l, batch, cache, &mut attn)?;
@@ -86,9 +70,9 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: Backend> Mlp<B> {
-    fn forward(&self, b: &B, x: Norm<B>, rows: usize, hidden: usize) -> Result<B::Tensor> {
+    fn forward(&self, b: &B, x: &B::Tensor, rows: usize, hidden: usize) -> Result<B::Tensor> {
         let mut gate_up = b.alloc(rows, 2 * self.intermediate_per_rank)?;
-        x.matmul(b, &self.gate_up, &mut gate_up)?;
+        self.gate_up.forward(b, x, &mut gate_up)?;
         let mut out = b.alloc(rows, hidden)?;
         self.down.forward_silu(b, &gate_up, &mut out)?;
         Ok(out)
@@ -283,23 +267,17 @@ impl<B: Backend> Llama<B> {
             Some(embed) => embed.forward(b, ids, &mut hidden)?,
             None => b.recv_prev(&mut hidden)?,
         }
+        let mut x = b.alloc(t, h)?;
         // The MLP output of the previous layer, added to `hidden` together with the next norm.
         let mut pending: Option<B::Tensor> = None;
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            let x = Norm {
-                hidden: &mut hidden,
-                delta: pending.take(),
-                weight: &layer.input_norm,
-                eps: self.eps,
-            };
-            let attn = layer.attn.forward(b, x, batch, cache, rope, h)?;
-            let x = Norm {
-                hidden: &mut hidden,
-                delta: Some(attn),
-                weight: &layer.post_norm,
-                eps: self.eps,
-            };
-            pending = Some(layer.mlp.forward(b, x, t, h)?);
+            match pending.take() {
+                None => b.rms_norm(&hidden, &layer.input_norm, self.eps, &mut x)?,
+                Some(d) => b.add_rms_norm(&mut hidden, &d, &layer.input_norm, self.eps, &mut x)?,
+            }
+            let attn = layer.attn.forward(b, &x, batch, cache, rope, h)?;
+            b.add_rms_norm(&mut hidden, &attn, &layer.post_norm, self.eps, &mut x)?;
+            pending = Some(layer.mlp.forward(b, &x, t, h)?);
         }
         let (Some(norm), Some(head)) = (&self.final_norm, &self.lm_head) else {
             if let Some(d) = pending {
