@@ -36,15 +36,34 @@
 // The smallest messages go as LL lines (no fence, no block barrier); larger ones as plain data
 // with one release flag per (block, source), half the bytes.
 //
+// Wide packs (`wide`, `--nvrar-pack-bytes 16`, one node only): the plain one-shot and the reduce-
+// scatter / all-gather move 16-byte packs (8 bf16 or f16, 4 f32), one per thread: each load and
+// store carries 16 bytes instead of 8, and a call needs half the threads (the host sizes the grid
+// so). The LL paths (LL one-shot, recursive doubling, fold) are unchanged. Only for N == 1: with
+// several nodes the recursive doubling reads the shard in `out` as 8-byte packs, each in the
+// thread that stored it, and 16-byte packs would give pack 2q + 1 to another thread (another
+// block, even) with no barrier between. With one node nothing but the plain phases touches the
+// shard, so wide mode cuts the message into W = ceil(n / elements-per-16-bytes) packs and shards
+// of SW = ceil(W / G) packs (its own shard boundaries, used by every GPU alike). Slots: a plain
+// slot is addressed as a uint4 array, index < SW <= ceil(max_bytes / 16 / G) <= slot_lines (one-
+// shot: < ceil(oneshot bytes / 16) <= os_lines), so 16-byte packs use at most half of a slot, as
+// 8-byte packs do. `in`/`out` need only be 8-byte aligned: the kernel tests each pointer itself
+// and, where one is not 16-byte aligned (or for the pack holding the end of the message), loads
+// and stores it as two 8-byte packs with the same tail masks as `Pack`. The decision is per GPU
+// and does not change which thread or block handles a pack, so GPUs whose buffers differ in
+// alignment still agree on the grid and the flags. Sums are the same f32 additions in local-index
+// order, rounded once: the same bits as 8-byte packs.
+//
 // Launch: grid = blocks (at most one wave: <= the SM count), block = threads (multiple of 32,
 // <= 512), no dynamic shared memory. Block b, thread t handles packs j = (k * grid + b) * threads + t
-// of every shard, in every phase, so each dependency is within one thread. A thread that waits
-// longer than `timeout_ns` for a line or flag prints which one and traps (the host sees a launch failure
-// and ends the job).
+// of every shard, in every phase (8-byte packs, or 16-byte ones in every phase of a wide call), so
+// each dependency is within one thread. A thread that waits longer than `timeout_ns` for a line or
+// flag prints which one and traps (the host sees a launch failure and ends the job).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -58,7 +77,7 @@
 
 // Must match `NvrarArgs` in crates/yalis-cuda/src/nvrar.rs field for field (repr(C)).
 struct NvrarArgs {
-    const void *in;      // [n] elements, 8-byte aligned
+    const void *in;      // [n] elements, 8-byte aligned (16: wide calls use 16-byte accesses)
     void *out;           // [n] elements, 8-byte aligned; may equal `in`
     u64 n;               // elements
     uint4 *ll;           // this PE's LL buffer (symmetric): 2 parities x nslots x slot_lines lines
@@ -71,10 +90,14 @@ struct NvrarArgs {
     int G, g;            // GPUs per node, this GPU's local index
     int N, node;         // nodes, this GPU's node
     int oneshot;         // one node, small message: 1 one-shot in LL lines, 2 one-shot plain (below)
+    int wide;            // 1: the plain paths move 16-byte packs (one node only; ignored with N > 1)
     unsigned *ctrl;      // [2] device words, zeroed once: the last finished epoch, arrivals
     u64 timeout_ns;
     u64 os_lines;        // lines per one-shot slot (after the 2 parities of the main slots)
 };
+// `wide` takes 4 bytes and 4 of padding before `ctrl`: 360 bytes (the Rust side checks the same).
+static_assert(sizeof(NvrarArgs) == 360, "NvrarArgs layout changed: update crates/yalis-cuda/src/nvrar.rs");
+static_assert(offsetof(NvrarArgs, wide) == 328 && offsetof(NvrarArgs, ctrl) == 336, "NvrarArgs layout changed");
 
 // Slots of one parity (each slot_lines lines). L = log2(N2).
 __device__ __forceinline__ int slot_rs(int src) { return src; }
@@ -193,6 +216,25 @@ template <> struct Elem<2> {
     static __device__ __forceinline__ bits from_f(float f) { return __float_as_uint(f); }
 };
 
+// A raw vector U (uint2 or uint4) of E elements of type DT: added into f32 accumulators, and
+// f32 accumulators rounded into one.
+template <int DT, int E, class U> __device__ __forceinline__ void add_raw(float (&acc)[E], U u) {
+    typename Elem<DT>::bits v[E];
+    static_assert(sizeof(v) == sizeof(U), "E elements fill U");
+    memcpy(v, &u, sizeof(U));
+#pragma unroll
+    for (int i = 0; i < E; i++) acc[i] += Elem<DT>::to_f(v[i]);
+}
+template <int DT, int E, class U> __device__ __forceinline__ U round_raw(const float (&acc)[E]) {
+    typename Elem<DT>::bits v[E];
+    static_assert(sizeof(v) == sizeof(U), "E elements fill U");
+#pragma unroll
+    for (int i = 0; i < E; i++) v[i] = Elem<DT>::from_f(acc[i]);
+    U u;
+    memcpy(&u, v, sizeof(U));
+    return u;
+}
+
 template <int DT> struct Pack {
     typedef typename Elem<DT>::bits bits;
     static constexpr int E = 8 / sizeof(bits);
@@ -219,20 +261,8 @@ template <int DT> struct Pack {
         for (int i = 0; i < E; i++)
             if (p * E + i < n) e[i] = v[i];
     }
-    static __device__ __forceinline__ void add(float (&acc)[E], uint2 u) {
-        bits v[E];
-        memcpy(v, &u, 8);
-#pragma unroll
-        for (int i = 0; i < E; i++) acc[i] += Elem<DT>::to_f(v[i]);
-    }
-    static __device__ __forceinline__ uint2 round(const float (&acc)[E]) {
-        bits v[E];
-#pragma unroll
-        for (int i = 0; i < E; i++) v[i] = Elem<DT>::from_f(acc[i]);
-        uint2 u;
-        memcpy(&u, v, 8);
-        return u;
-    }
+    static __device__ __forceinline__ void add(float (&acc)[E], uint2 u) { add_raw<DT, E>(acc, u); }
+    static __device__ __forceinline__ uint2 round(const float (&acc)[E]) { return round_raw<DT, E, uint2>(acc); }
     // a + b in f32, rounded once (commutative: both ends of an exchange get the same bits).
     static __device__ __forceinline__ uint2 sum2(uint2 a, uint2 b) {
         float acc[E];
@@ -242,6 +272,31 @@ template <int DT> struct Pack {
         add(acc, b);
         return round(acc);
     }
+};
+
+// 16-byte packs of the plain paths (wide calls): pack q is the 8-byte packs 2q and 2q + 1.
+template <int DT> struct Wide {
+    typedef Pack<DT> P;
+    typedef typename P::bits bits;
+    static constexpr int E = 2 * P::E;
+    // Pack q of x[0..n): elements beyond n read as zero. One 16-byte load where x is 16-byte
+    // aligned and the pack is whole, else two 8-byte packs (masked at the end as Pack::load).
+    static __device__ __forceinline__ uint4 load(const void *x, u64 q, u64 n, bool aligned) {
+        if (aligned && (q + 1) * E <= n) return *reinterpret_cast<const uint4 *>(static_cast<const bits *>(x) + q * E);
+        const uint2 lo = P::load(x, 2 * q, n), hi = P::load(x, 2 * q + 1, n);
+        return make_uint4(lo.x, lo.y, hi.x, hi.y);
+    }
+    // Stores the elements of pack q below n (as Pack::store).
+    static __device__ __forceinline__ void store(void *x, u64 q, u64 n, bool aligned, uint4 u) {
+        if (aligned && (q + 1) * E <= n) {
+            *reinterpret_cast<uint4 *>(static_cast<bits *>(x) + q * E) = u;
+            return;
+        }
+        P::store(x, 2 * q, n, make_uint2(u.x, u.y));
+        P::store(x, 2 * q + 1, n, make_uint2(u.z, u.w));
+    }
+    static __device__ __forceinline__ void add(float (&acc)[E], uint4 u) { add_raw<DT, E>(acc, u); }
+    static __device__ __forceinline__ uint4 round(const float (&acc)[E]) { return round_raw<DT, E, uint4>(acc); }
 };
 
 // One LL line (pack j of a slot) to a peer: a direct store when the peer's buffer has an
@@ -284,6 +339,7 @@ __device__ __forceinline__ void finish(const NvrarArgs &a, unsigned e) {
 
 template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
     typedef Pack<DT> P;
+    typedef Wide<DT> W;
     const u64 packs = (a.n + P::E - 1) / P::E;
     const int G = a.G, g = a.g, N = a.N, node = a.node;
     const int L = 31 - __clz(N), N2 = 1 << L, extra = N - N2;
@@ -301,6 +357,10 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
     auto peer = [&](u64 addr) { return addr ? reinterpret_cast<uint4 *>(addr) + parity : nullptr; };
     auto valid = [&](int s, u64 j) { return j < S && (u64)s * S + j < packs; };
     Waiter w{now_ns(), a.timeout_ns, ""};
+    // 16-byte packs in the plain paths (one node only: see the top of the file). Whether this
+    // GPU's `in` / `out` take 16-byte accesses is its own business (it changes no thread's packs).
+    const bool wide = a.wide && N == 1;
+    const bool in16 = ((uintptr_t)a.in & 15) == 0, out16 = ((uintptr_t)a.out & 15) == 0;
     // Sum, in local-index order, of `own` (this GPU's pack) and line j of every other source's slot.
     auto sum_sources = [&](const uint4 *slot0, u64 lines, u64 j, uint2 own) {
         uint2 v[NVRAR_MAX_G];
@@ -347,6 +407,32 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
         auto os_peer = [&](int s) {
             return reinterpret_cast<uint4 *>(a.local_peer[s]) + 2 * (u64)nslots(G, L) * a.slot_lines + os_parity;
         };
+        if (a.oneshot == 2 && wide) {
+            // Plain, in 16-byte packs: the same steps as below.
+            const u64 wpacks = (a.n + W::E - 1) / W::E;
+            for (u64 q0 = first; q0 < wpacks; q0 += stride) {
+                const u64 q = q0 + threadIdx.x;
+                if (q >= wpacks) continue;
+                const uint4 v = W::load(a.in, q, a.n, in16);
+                for (int d = 1; d < G; d++) os_peer((g + d) % G)[(u64)g * a.os_lines + q] = v;
+            }
+            w.what = "one-shot";
+            signal(2);
+            await(2, "one-shot");
+            for (u64 q0 = first; q0 < wpacks; q0 += stride) {
+                const u64 q = q0 + threadIdx.x;
+                if (q >= wpacks) continue;
+                const uint4 own = W::load(a.in, q, a.n, in16);
+                float acc[W::E];
+#pragma unroll
+                for (int i = 0; i < W::E; i++) acc[i] = 0.f;
+                for (int s = 0; s < G; s++)
+                    W::add(acc, s == g ? own : __ldcg(os + os_parity + (u64)s * a.os_lines + q));
+                W::store(a.out, q, a.n, out16, W::round(acc));
+            }
+            finish(a, e);
+            return;
+        }
         const bool ll = a.oneshot == 1;
         for (u64 j0 = first; j0 < packs; j0 += stride) {
             const u64 j = j0 + threadIdx.x;
@@ -381,6 +467,49 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
                 r = P::round(acc);
             }
             P::store(a.out, j, a.n, r);
+        }
+        finish(a, e);
+        return;
+    }
+
+    if (wide) {
+        // One node in 16-byte packs: steps 1 and 3 below on wpacks packs in shards of SW.
+        const u64 wpacks = (a.n + W::E - 1) / W::E;
+        const u64 SW = (wpacks + G - 1) / G;
+        auto wvalid = [&](int s, u64 q) { return q < SW && (u64)s * SW + q < wpacks; };
+        if (G > 1) {
+            for (u64 q0 = first; q0 < SW; q0 += stride) {
+                const u64 q = q0 + threadIdx.x;
+                for (int d = 1; d < G; d++) {
+                    const int s = (g + d) % G;
+                    if (wvalid(s, q)) slot(peer(a.local_peer[s]), slot_rs(g))[q] = W::load(a.in, s * SW + q, a.n, in16);
+                }
+            }
+            signal(0);
+            await(0, "reduce-scatter");
+        }
+        for (u64 q0 = first; q0 < SW; q0 += stride) {
+            const u64 q = q0 + threadIdx.x;
+            if (!wvalid(g, q)) continue;
+            float acc[W::E];
+#pragma unroll
+            for (int i = 0; i < W::E; i++) acc[i] = 0.f;
+            for (int s = 0; s < G; s++)
+                W::add(acc, s == g ? W::load(a.in, g * SW + q, a.n, in16) : __ldcg(slot(mine, slot_rs(s)) + q));
+            const uint4 r = W::round(acc);
+            W::store(a.out, g * SW + q, a.n, out16, r);
+            for (int d = 1; d < G; d++) slot(peer(a.local_peer[(g + d) % G]), slot_ag(G, L, g))[q] = r;
+        }
+        if (G > 1) {
+            signal(1);
+            await(1, "all-gather");
+            for (u64 q0 = first; q0 < SW; q0 += stride) {
+                const u64 q = q0 + threadIdx.x;
+                for (int d = 1; d < G; d++) {
+                    const int s = (g + d) % G;
+                    if (wvalid(s, q)) W::store(a.out, s * SW + q, a.n, out16, __ldcg(slot(mine, slot_ag(G, L, s)) + q));
+                }
+            }
         }
         finish(a, e);
         return;

@@ -42,12 +42,16 @@ struct NvrarArgs {
     n_nodes: i32,
     node: i32,
     oneshot: i32,
+    /// 1: the plain paths move 16-byte packs (one node only).
+    wide: i32,
+    // 4 bytes of padding here (C's as well): `ctrl` is 8-byte aligned.
     ctrl: u64,
     timeout_ns: u64,
     os_lines: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<NvrarArgs>() == 352);
+const _: () = assert!(std::mem::size_of::<NvrarArgs>() == 360);
+const _: () = assert!(std::mem::offset_of!(NvrarArgs, wide) == 328 && std::mem::offset_of!(NvrarArgs, ctrl) == 336);
 
 /// Element types the kernel sums (in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +101,10 @@ pub struct NvrarConfig {
     /// Send to recursive-doubling partners through NVSHMEM puts even when they have an NVLink
     /// address (exercises the other-node path on one machine).
     pub force_put: bool,
+    /// With one node: the plain paths (plain one-shot, reduce-scatter, all-gather) move 16-byte
+    /// packs, one per thread, instead of 8-byte ones (`--nvrar-pack-bytes 16`). Ignored across
+    /// nodes (the recursive doubling works on the shard's 8-byte packs).
+    pub wide_packs: bool,
     /// How long a kernel waits for a peer's data before it traps.
     pub timeout: Duration,
 }
@@ -111,6 +119,7 @@ impl Default for NvrarConfig {
             oneshot_max_bytes: None,
             oneshot_ll_max_bytes: 64 << 10,
             force_put: false,
+            wide_packs: true,
             timeout: Duration::from_secs(60),
         }
     }
@@ -188,6 +197,52 @@ impl Layout {
     }
 }
 
+/// Lines (16 bytes) per main slot: one per 8-byte pack of a shard of the largest launch. Plain
+/// phases store 8-byte packs (index < S) or 16-byte ones (index < SW <= S) there.
+fn slot_lines(max_bytes: usize, g_size: usize) -> usize {
+    max_bytes.div_ceil(8).div_ceil(g_size)
+}
+
+/// Lines per one-shot slot: one per 8-byte pack of the largest one-shot message.
+fn os_lines(oneshot_max: usize) -> usize {
+    oneshot_max.div_ceil(8)
+}
+
+/// How one launch runs: the kernel's `oneshot` (0 two-shot, 1 LL one-shot, 2 plain one-shot) and
+/// `wide`, and its grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Launch {
+    oneshot: i32,
+    wide: bool,
+    blocks: usize,
+}
+
+impl Launch {
+    /// A message of `bytes` (> 0): one pack per thread (of the shard, or of the whole message
+    /// one-shot), at most `blocks_cap` blocks. Every member of the group plans the same launch
+    /// (the same configuration and sizes), so their grids and block flags match.
+    fn plan(bytes: usize, cfg: &NvrarConfig, layout: &Layout, oneshot_max: usize, blocks_cap: usize) -> Launch {
+        let oneshot = match bytes {
+            b if b > oneshot_max => 0,
+            b if b <= cfg.oneshot_ll_max_bytes => 1,
+            _ => 2,
+        };
+        // 16-byte packs only where the kernel takes them: the plain paths of one node.
+        let wide = cfg.wide_packs && layout.nodes == 1 && oneshot != 1;
+        let packs = bytes.div_ceil(if wide { 16 } else { 8 });
+        let per_gpu = if oneshot != 0 {
+            packs
+        } else {
+            packs.div_ceil(layout.g_size)
+        };
+        Launch {
+            oneshot,
+            wide,
+            blocks: per_gpu.div_ceil(cfg.threads).clamp(1, blocks_cap),
+        }
+    }
+}
+
 /// The NVRAR communicator of this process.
 pub struct Nvrar {
     // Field order is drop order: the module is unregistered, then the buffer freed, then the
@@ -253,15 +308,14 @@ impl Nvrar {
         let session = nvshmem.init(id, rank, world).map_err(nv)?;
 
         // The LL buffer: 2 parities x slots x slot_lines lines of 16 bytes.
-        let max_packs = cfg.max_bytes.div_ceil(8);
-        let slot_lines = max_packs.div_ceil(layout.g_size);
+        let slot_lines = slot_lines(cfg.max_bytes, layout.g_size);
         let oneshot_max = if layout.nodes == 1 && layout.g_size > 1 {
             let measured = if layout.g_size == 2 { 4 << 20 } else { 512 << 10 };
             cfg.oneshot_max_bytes.unwrap_or(measured).min(cfg.max_bytes)
         } else {
             0
         };
-        let os_lines = oneshot_max.div_ceil(8);
+        let os_lines = os_lines(oneshot_max);
         // Then the node phases' block flags: [parity][phase][source][FLAG_BLOCKS] u32.
         let bytes = 2 * (layout.slots() * slot_lines + layout.g_size * os_lines) * 16
             + 2 * PHASES * layout.g_size * FLAG_BLOCKS * 4;
@@ -311,6 +365,7 @@ impl Nvrar {
             n_nodes: layout.nodes as i32,
             node: layout.node as i32,
             oneshot: 0,
+            wide: 0,
             ctrl,
             timeout_ns: cfg.timeout.as_nanos().min(u64::MAX as u128) as u64,
             os_lines: os_lines as u64,
@@ -362,7 +417,7 @@ impl Nvrar {
     /// How this build of NVRAR runs, for provenance.
     pub fn describe(&self) -> String {
         format!(
-            "nvrar (NVSHMEM {}, {} node(s) x {} GPU(s), {} threads, <= {} blocks, one-shot <= {} KiB (LL <= {} KiB){})",
+            "nvrar (NVSHMEM {}, {} node(s) x {} GPU(s), {} threads, <= {} blocks, one-shot <= {} KiB (LL <= {} KiB){}{})",
             self.session.version(),
             self.layout.nodes,
             self.layout.g_size,
@@ -370,25 +425,29 @@ impl Nvrar {
             self.blocks_cap,
             self.oneshot_max >> 10,
             self.cfg.oneshot_ll_max_bytes.min(self.oneshot_max) >> 10,
+            match (self.cfg.wide_packs, self.layout.nodes) {
+                (false, _) => "",
+                (true, 1) => ", 16-byte plain packs",
+                (true, _) => ", 16-byte packs off (several nodes)",
+            },
             if self.cfg.force_put { ", puts forced" } else { "" }
         )
     }
 
-    /// Blocks for a message of `bytes`: one pack per thread (of the shard, or of the whole
-    /// message one-shot), at most the cap.
+    fn plan(&self, bytes: usize) -> Launch {
+        Launch::plan(bytes, &self.cfg, &self.layout, self.oneshot_max, self.blocks_cap)
+    }
+
+    /// Blocks for a message of `bytes`: one pack (8 bytes, or 16 in the plain paths with
+    /// `wide_packs`) per thread, of the shard or of the whole message one-shot, at most the cap.
     pub fn blocks(&self, bytes: usize) -> usize {
-        let packs = bytes.div_ceil(8);
-        let per_gpu = if bytes <= self.oneshot_max {
-            packs
-        } else {
-            packs.div_ceil(self.layout.g_size)
-        };
-        per_gpu.div_ceil(self.cfg.threads).clamp(1, self.blocks_cap)
+        self.plan(bytes).blocks
     }
 
     /// Sums `n` elements of `ty` at `input` over the group into `out` (may equal `input`; both
     /// 8-byte aligned device memory of this GPU), on `stream`. Every member must make the same
-    /// sequence of calls with the same sizes.
+    /// sequence of calls with the same sizes. With `wide_packs`, 16-byte aligned buffers get
+    /// 16-byte loads and stores; others still work (the kernel splits their accesses in two).
     ///
     /// # Safety
     /// `input` and `out` hold `n` elements of `ty` on this rank's GPU, and `stream` is a live
@@ -408,8 +467,14 @@ impl Nvrar {
             )));
         }
         let es = ty.bytes();
-        // Launches of at most max_bytes, each a whole number of 8-byte packs.
-        let chunk = (self.cfg.max_bytes / 8 * 8 / es).max(8 / es);
+        // Launches of at most max_bytes, each a whole number of 8-byte packs (16-byte with wide
+        // packs, so that every launch starts as aligned as the first).
+        let unit = if self.cfg.wide_packs && self.cfg.max_bytes >= 16 {
+            16
+        } else {
+            8
+        };
+        let chunk = (self.cfg.max_bytes / unit * unit / es).max(8 / es);
         let f = self.funcs[ty as usize];
         let mut done = 0;
         while done < n {
@@ -418,12 +483,10 @@ impl Nvrar {
             args.input = input + (done * es) as u64;
             args.out = out + (done * es) as u64;
             args.n = len as u64;
-            args.oneshot = match len * es {
-                b if b > self.oneshot_max => 0,
-                b if b <= self.cfg.oneshot_ll_max_bytes => 1,
-                _ => 2,
-            };
-            let blocks = self.blocks(len * es) as u32;
+            let launch = self.plan(len * es);
+            args.oneshot = launch.oneshot;
+            args.wide = launch.wide as i32;
+            let blocks = launch.blocks as u32;
             let mut params = [&mut args as *mut NvrarArgs as *mut c_void];
             // SAFETY: the single parameter is the kernel's NvrarArgs (same layout, checked size);
             // every pointer in it is live device memory of this context.
@@ -488,5 +551,75 @@ mod tests {
         let e = Layout::new(0, 6, 4).unwrap_err().to_string();
         assert!(e.contains("does not divide"), "{e}");
         assert!(Layout::new(0, 16, 16).is_err());
+    }
+
+    #[test]
+    fn launch_plans() {
+        let one = Layout::new(0, 4, 0).unwrap();
+        let two = Layout::new(0, 4, 2).unwrap();
+        let wide = NvrarConfig::default();
+        assert!(wide.wide_packs, "16-byte packs are the default");
+        let narrow = NvrarConfig {
+            wide_packs: false,
+            ..NvrarConfig::default()
+        };
+        let p = |bytes, cfg: &NvrarConfig, l: &Layout, os| Launch::plan(bytes, cfg, l, os, 128);
+        let l = |oneshot, wide, blocks| Launch { oneshot, wide, blocks };
+        // LL one-shot: 8-byte packs either way (32 KiB: 4096 packs of 512 threads).
+        assert_eq!(p(32 << 10, &narrow, &one, 512 << 10), l(1, false, 8));
+        assert_eq!(p(32 << 10, &wide, &one, 512 << 10), l(1, false, 8));
+        // Plain one-shot: 256 KiB is 32768 8-byte or 16384 16-byte packs.
+        assert_eq!(p(256 << 10, &narrow, &one, 512 << 10), l(2, false, 64));
+        assert_eq!(p(256 << 10, &wide, &one, 512 << 10), l(2, true, 32));
+        // Two-shot: 1 MiB in 4 shards; the cap.
+        assert_eq!(p(1 << 20, &narrow, &one, 512 << 10), l(0, false, 64));
+        assert_eq!(p(1 << 20, &wide, &one, 512 << 10), l(0, true, 32));
+        assert_eq!(p(16 << 20, &wide, &one, 512 << 10), l(0, true, 128));
+        // Several nodes: never wide.
+        assert_eq!(p(256 << 10, &wide, &two, 0), l(0, false, 32));
+        // Tiny and odd sizes: at least one block.
+        assert_eq!(p(2, &wide, &one, 0), l(0, true, 1));
+        assert_eq!(p(2002, &wide, &one, 4096), l(1, false, 1));
+        let small_ll = NvrarConfig {
+            oneshot_ll_max_bytes: 1000,
+            ..wide.clone()
+        };
+        assert_eq!(p(2002, &small_ll, &one, 4096), l(2, true, 1));
+    }
+
+    /// The wide kernel's packs and shards (kernels/nvrar.cu: W = ceil(n / E) 16-byte packs, shards
+    /// of SW = ceil(W / G)) cover every element of a launch exactly once and index inside the
+    /// slots `Nvrar::new` sizes, odd counts included.
+    #[test]
+    fn wide_shards_fit() {
+        for es in [2usize, 4] {
+            let e = 16 / es;
+            for max_bytes in [16usize, 24, 4104, 16 << 20] {
+                // The longest launch, as all_reduce cuts messages with wide packs.
+                let chunk = (max_bytes / 16 * 16 / es).max(8 / es);
+                assert!(chunk * es <= max_bytes);
+                for g_size in 1..=MAX_G {
+                    for n in [1usize, 3, 5, 7, 8, 9, 1001, 4097, 65537, 1_000_003] {
+                        let len = n.min(chunk);
+                        let wpacks = len.div_ceil(e);
+                        let sw = wpacks.div_ceil(g_size);
+                        assert!(
+                            sw <= slot_lines(max_bytes, g_size),
+                            "es {es} max {max_bytes} G {g_size} n {n}"
+                        );
+                        // One-shot: the message itself is at most the one-shot limit.
+                        assert!(wpacks <= os_lines(len * es));
+                        let mut seen = vec![0u8; len];
+                        for s in 0..g_size {
+                            for q in (0..sw).filter(|&q| s * sw + q < wpacks) {
+                                let p = s * sw + q;
+                                seen[p * e..((p + 1) * e).min(len)].iter_mut().for_each(|c| *c += 1);
+                            }
+                        }
+                        assert!(seen.iter().all(|&c| c == 1), "es {es} G {g_size} n {n}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -78,6 +78,19 @@ pub struct NvrarOpts {
     /// (the other-node path, exercised on one machine).
     #[arg(long)]
     pub nvrar_put: bool,
+    /// Bytes an NVRAR thread loads and stores at a time in the plain paths of one node (plain
+    /// one-shot, reduce-scatter, all-gather): 8 or 16. LL lines and the inter-node phase always
+    /// carry 8; across nodes 16 is ignored. 16 by measurement (benches/NOTES.md, NVRAR v4).
+    #[arg(long, default_value_t = 16, value_parser = parse_pack_bytes)]
+    pub nvrar_pack_bytes: usize,
+}
+
+fn parse_pack_bytes(s: &str) -> Result<usize, String> {
+    match s.trim() {
+        "8" => Ok(8),
+        "16" => Ok(16),
+        _ => Err(format!("'{s}' is not a pack size NVRAR has; use 8 or 16")),
+    }
 }
 
 /// NVRAR's default (threads, max blocks): chosen by measurement (benches/NOTES.md, NVRAR).
@@ -209,6 +222,7 @@ impl Runtime {
             oneshot_max_bytes: self.nvrar.nvrar_oneshot_bytes,
             oneshot_ll_max_bytes: self.nvrar.nvrar_ll_bytes,
             force_put: self.nvrar.nvrar_put,
+            wide_packs: self.nvrar.nvrar_pack_bytes == 16,
             timeout: self.timeout,
         }
     }
@@ -538,6 +552,10 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
         "versions": { "yalis": env!("CARGO_PKG_VERSION") },
         "host": yalis_comm::hostname(),
         "time": yalis_core::report::utc_now_rfc3339(),
+        // The switches read from the environment (YALIS_PDL, NCCL_*, NVSHMEM_*).
+        "env": std::env::vars()
+            .filter(|(k, _)| ["YALIS_", "NCCL_", "NVSHMEM_"].iter().any(|p| k.starts_with(p)))
+            .collect::<std::collections::BTreeMap<_, _>>(),
         "layout": {
             "tp": plan.tp,
             "pp": plan.pp,
@@ -547,6 +565,7 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
             "nvrar": json!({
                 "gpus_per_node": rt.nvrar.gpus_per_node, "threads": rt.nvrar.nvrar_threads,
                 "max_blocks": rt.nvrar.nvrar_blocks, "oneshot_bytes": rt.nvrar.nvrar_oneshot_bytes, "ll_bytes": rt.nvrar.nvrar_ll_bytes, "force_put": rt.nvrar.nvrar_put,
+                "pack_bytes": rt.nvrar.nvrar_pack_bytes,
             }),
             "comm_timeout_s": rt.timeout.as_secs(),
             "pp_microbatches": rt.pp_microbatches,
