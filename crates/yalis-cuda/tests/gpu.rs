@@ -604,13 +604,34 @@ fn engine_matches_transformers_on_the_fixtures() {
     }
 }
 
-/// Not a check: the time of each decode op of Llama-3.1-8B at batch 1 and 8 (TP 1), against
-/// its bytes, to show where a decode step goes. Printed as a table.
-#[test]
-#[ignore = "needs an sm_90 GPU: scripts/gpu-check.sh"]
-fn decode_op_breakdown_llama8b() {
+/// The per-rank shapes of one Llama layer and LM head shard.
+struct LayerShapes {
+    name: &'static str,
+    hidden: usize,
+    inter: usize,
+    vocab: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Not a check: one TP rank's decode ops of a Llama layer (and the LM head shard) at batch 1
+/// and 8, each timed alone on random inputs (one call between two events, median of 50) and back
+/// to back (20 calls in a row, per call: closer to what a CUDA graph with programmatic launch sees
+/// of it), against the time its bytes take at the copy rate measured in the same run, to show
+/// where a decode step goes. Printed as a table.
+fn decode_op_breakdown(sh: &LayerShapes) {
     let g = gpu();
-    let (h, inter, vocab, q, kv, hd) = (4096usize, 14336usize, 128256usize, 32usize, 8usize, 128usize);
+    let (copy_gbps, _) = g.measure_roofline(1 << 30, 4096).unwrap();
+    let LayerShapes {
+        hidden: h,
+        inter,
+        vocab,
+        q_heads: q,
+        kv_heads: kv,
+        head_dim: hd,
+        ..
+    } = *sh;
     let dummy = DummyWeights::new(1);
     let w = |name: &str, rows: usize, cols: usize| {
         g.load_weight(
@@ -624,58 +645,97 @@ fn decode_op_breakdown_llama8b() {
         )
         .unwrap()
     };
-    let wqkv = w("model.layers.0.self_attn.q_proj.weight", (q + 2 * kv) * hd, h);
-    let wo = w("model.layers.0.self_attn.o_proj.weight", h, q * hd);
+    let (qkv_rows, o_cols) = ((q + 2 * kv) * hd, q * hd);
+    let wqkv = w("model.layers.0.self_attn.q_proj.weight", qkv_rows, h);
+    let wo = w("model.layers.0.self_attn.o_proj.weight", h, o_cols);
     let wgu = w("model.layers.0.mlp.gate_proj.weight", 2 * inter, h);
     let wd = w("model.layers.0.mlp.down_proj.weight", h, inter);
     let wlm = w("lm_head.weight", vocab, h);
     let norm = w("model.norm.weight", 1, h);
-    println!("{:>26} {:>6} {:>10} {:>10}", "op", "batch", "us", "GB/s");
+    println!("{}: copy rate {copy_gbps:.0} GB/s", sh.name);
+    println!(
+        "{:>28} {:>6} {:>10} {:>12} {:>10} {:>9}",
+        "op", "batch", "alone us", "in a row us", "copy us", "row/copy"
+    );
     for (m, gemv) in [(1usize, false), (1, true), (8, false), (8, true)] {
         g.set_gemv(gemv);
         println!("{}", if gemv { "decode GEMV" } else { "cuBLAS" });
         let x = g.from_host(m, h, &rand(m * h, 1, 1.0), DType::Bf16).unwrap();
         let xi = g.from_host(m, inter, &rand(m * inter, 2, 1.0), DType::Bf16).unwrap();
-        let xq = g.from_host(m, q * hd, &rand(m * q * hd, 3, 1.0), DType::Bf16).unwrap();
+        let xq = g.from_host(m, o_cols, &rand(m * o_cols, 3, 1.0), DType::Bf16).unwrap();
         let gu = g
             .from_host(m, 2 * inter, &rand(m * 2 * inter, 4, 1.0), DType::Bf16)
             .unwrap();
-        let row = |name: &str, bytes: f64, f: &mut dyn FnMut() -> yalis_engine::Result<()>| {
-            let ms = g.time_ms(5, 50, &mut *f).unwrap();
+        let row = |name: String, bytes: f64, f: &mut dyn FnMut() -> yalis_engine::Result<()>| {
+            let alone = g.time_ms(5, 50, &mut *f).unwrap() * 1e3;
+            const RUN: usize = 20;
+            let in_row = g.time_ms(2, 10, || (0..RUN).try_for_each(|_| f())).unwrap() * 1e3 / RUN as f64;
+            let copy = bytes / (copy_gbps * 1e9) * 1e6;
             println!(
-                "{name:>26} {m:>6} {:>10.1} {:>10.0}",
-                ms * 1e3,
-                bytes / (ms * 1e-3) / 1e9
+                "{name:>28} {m:>6} {alone:>10.1} {in_row:>12.1} {copy:>10.1} {:>8.2}x",
+                in_row / copy
             );
         };
-        let mut o_qkv = g.alloc(m, (q + 2 * kv) * hd).unwrap();
-        row("gemm qkv 6144x4096", 6144.0 * 4096.0 * 2.0, &mut || {
+        let mm = |rows: usize, cols: usize| (rows * cols * 2) as f64;
+        let mut o_qkv = g.alloc(m, qkv_rows).unwrap();
+        row(format!("qkv {qkv_rows}x{h}"), mm(qkv_rows, h), &mut || {
             g.matmul(&x, &wqkv, &mut o_qkv)
         });
         let mut o_h = g.alloc(m, h).unwrap();
-        row("gemm o 4096x4096", 4096.0 * 4096.0 * 2.0, &mut || {
+        row(format!("o {h}x{o_cols}"), mm(h, o_cols), &mut || {
             g.matmul(&xq, &wo, &mut o_h)
         });
         let mut o_gu = g.alloc(m, 2 * inter).unwrap();
-        row("gemm gate|up 28672x4096", 28672.0 * 4096.0 * 2.0, &mut || {
+        row(format!("gate|up {}x{h}", 2 * inter), mm(2 * inter, h), &mut || {
             g.matmul(&x, &wgu, &mut o_gu)
         });
-        row("gemm down 4096x14336", 4096.0 * 14336.0 * 2.0, &mut || {
+        row(format!("down {h}x{inter}"), mm(h, inter), &mut || {
             g.matmul(&xi, &wd, &mut o_h)
         });
+        row(format!("silu_mul + down {h}x{inter}"), mm(h, inter), &mut || {
+            g.silu_mul_matmul(&gu, &wd, &mut o_h)
+        });
         let mut o_lm = g.alloc_f32(m, vocab).unwrap();
-        row("gemm lm head 128256x4096", 128256.0 * 4096.0 * 2.0, &mut || {
+        row(format!("lm head {vocab}x{h}"), mm(vocab, h), &mut || {
             g.matmul(&x, &wlm, &mut o_lm)
         });
         let mut act = g.alloc(m, inter).unwrap();
-        row("silu_mul", (m * inter * 6) as f64, &mut || g.silu_mul(&gu, &mut act));
-        row("silu_mul + down", 4096.0 * 14336.0 * 2.0, &mut || {
-            g.silu_mul_matmul(&gu, &wd, &mut o_h)
+        row("silu_mul".into(), (m * inter * 6) as f64, &mut || {
+            g.silu_mul(&gu, &mut act)
         });
         let mut res = g.from_host(m, h, &rand(m * h, 5, 1.0), DType::Bf16).unwrap();
         let mut normed = g.alloc(m, h).unwrap();
-        row("add_rms_norm", (m * h * 8) as f64, &mut || {
+        row("add_rms_norm".into(), (m * h * 8) as f64, &mut || {
             g.add_rms_norm(&mut res, &x, &norm, 1e-5, &mut normed)
         });
     }
+}
+
+#[test]
+#[ignore = "needs an sm_90 GPU: scripts/gpu-check.sh"]
+fn decode_op_breakdown_llama8b() {
+    decode_op_breakdown(&LayerShapes {
+        name: "Llama-3.1-8B, TP 1",
+        hidden: 4096,
+        inter: 14336,
+        vocab: 128256,
+        q_heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    });
+}
+
+/// One rank of Llama-3.1-70B at TP 4: the shards of benches/NOTES.md's 70B section.
+#[test]
+#[ignore = "needs an sm_90 GPU: scripts/gpu-check.sh"]
+fn decode_op_breakdown_llama70b_tp4() {
+    decode_op_breakdown(&LayerShapes {
+        name: "Llama-3.1-70B, one rank of TP 4",
+        hidden: 8192,
+        inter: 28672 / 4,
+        vocab: 128256 / 4,
+        q_heads: 64 / 4,
+        kv_heads: 8 / 4,
+        head_dim: 128,
+    });
 }
