@@ -15,18 +15,6 @@ for ar in ${BACKENDS:-nccl nvrar}; do
         --output-json "$out/llama70b-tp4-$ar.jsonl" 2>&1 | tee "$out/llama70b-tp4-$ar.log" |
         grep -E "^==|batch latency|decode ms|all-reduce|layout|error"
 done
-python3 - "$out" ${BACKENDS:-nccl nvrar} <<'PY'
-import json, sys
-out, backends = sys.argv[1], sys.argv[2:]
-rows = {}
-for b in backends:
-    for l in open(f"{out}/llama70b-tp4-{b}.jsonl"):
-        r = json.loads(l)
-        rows.setdefault(r["config"]["batch_size"], {})[b] = r["results"]
-print(f"{'batch':>5} " + " ".join(f"{b + ' ms':>12} {b + ' step':>10}" for b in backends) + "   nccl/nvrar")
-for bs in sorted(rows):
-    r = rows[bs]
-    cells = " ".join(f"{r[b]['batch_latency_ms']['mean']:12.1f} {r[b]['decode_step_ms']['p50']:10.3f}" for b in backends)
-    ratio = r["nccl"]["batch_latency_ms"]["mean"] / r["nvrar"]["batch_latency_ms"]["mean"] if {"nccl", "nvrar"} <= r.keys() else float("nan")
-    print(f"{bs:>5} {cells}   {ratio:.3f}x")
-PY
+args=()
+for ar in ${BACKENDS:-nccl nvrar}; do args+=("$ar=$out/llama70b-tp4-$ar.jsonl"); done
+python3 scripts/ab_table.py "${args[@]}"

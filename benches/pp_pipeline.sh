@@ -17,18 +17,6 @@ for m in ${MICRO:-1 2}; do
         --output-json "$out/llama70b-tp2pp2-mb$m.jsonl" 2>&1 | tee "$out/llama70b-tp2pp2-mb$m.log" |
         grep -E "^==|batch latency|decode ms|error"
 done
-python3 - "$out" ${MICRO:-1 2} <<'PY'
-import json, sys
-out, micro = sys.argv[1], sys.argv[2:]
-rows = {}
-for m in micro:
-    for l in open(f"{out}/llama70b-tp2pp2-mb{m}.jsonl"):
-        r = json.loads(l)
-        rows.setdefault(r["config"]["batch_size"], {})[m] = r["results"]
-print(f"{'batch':>5} " + " ".join(f"{'mb' + m + ' ms':>10} {'mb' + m + ' step':>10}" for m in micro) + "   mb1/mb2")
-for bs in sorted(rows):
-    r = rows[bs]
-    cells = " ".join(f"{r[m]['batch_latency_ms']['mean']:10.1f} {r[m]['decode_step_ms']['p50']:10.3f}" for m in micro)
-    ratio = r["1"]["batch_latency_ms"]["mean"] / r["2"]["batch_latency_ms"]["mean"] if {"1", "2"} <= r.keys() else float("nan")
-    print(f"{bs:>5} {cells}   {ratio:.3f}x")
-PY
+args=()
+for m in ${MICRO:-1 2}; do args+=("mb$m=$out/llama70b-tp2pp2-mb$m.jsonl"); done
+python3 scripts/ab_table.py "${args[@]}"
