@@ -657,7 +657,17 @@ fn decode_op_breakdown(sh: &LayerShapes) {
         "{:>28} {:>6} {:>10} {:>12} {:>10} {:>9}",
         "op", "batch", "alone us", "in a row us", "copy us", "row/copy"
     );
-    for (m, gemv) in [(1usize, false), (1, true), (8, false), (8, true)] {
+    // YALIS_BREAKDOWN_BATCHES (default 1,8): the batch sizes; the GEMV rows only up to 8.
+    let batches: Vec<usize> = std::env::var("YALIS_BREAKDOWN_BATCHES")
+        .unwrap_or_else(|_| "1,8".into())
+        .split(',')
+        .map(|b| b.trim().parse().expect("YALIS_BREAKDOWN_BATCHES: a list of batch sizes"))
+        .collect();
+    let runs = batches
+        .iter()
+        .flat_map(|&m| [(m, false), (m, true)])
+        .filter(|&(m, gemv)| !gemv || m <= 8);
+    for (m, gemv) in runs {
         g.set_gemv(gemv);
         println!("{}", if gemv { "decode GEMV" } else { "cuBLAS" });
         let x = g.from_host(m, h, &rand(m * h, 1, 1.0), DType::Bf16).unwrap();
@@ -707,6 +717,41 @@ fn decode_op_breakdown(sh: &LayerShapes) {
         let mut normed = g.alloc(m, h).unwrap();
         row("add_rms_norm".into(), (m * h * 8) as f64, &mut || {
             g.add_rms_norm(&mut res, &x, &norm, 1e-5, &mut normed)
+        });
+        // Decode attention of m sequences at position 1088 of a 1152-position cache (input
+        // 1024, output 128, mid-way): RoPE + KV write, then split-KV attention and its combine;
+        // the bytes are the K and V it reads.
+        let (max_seq, pos) = (1152usize, 1088usize);
+        let l = QkvLayout {
+            q_heads: q,
+            kv_heads: kv,
+            head_dim: hd,
+        };
+        let mut cache = g.alloc_kv_cache(m, max_seq, kv, hd).unwrap();
+        let batch = StepBatch {
+            seqs: (0..m).map(|i| SeqChunk { slot: i, start_pos: pos, len: 1 }).collect(),
+        };
+        let keys = vec![0u64; m];
+        g.begin_step(&StepInputs {
+            batch: &batch,
+            ids: &vec![0; m],
+            sample_keys: &keys,
+            sample_counters: &keys,
+        })
+        .unwrap();
+        let table = |seed| HostTensor {
+            shape: vec![max_seq, hd / 2],
+            data: HostData::F32(rand(max_seq * hd / 2, seed, 1.0)),
+        };
+        let (cos, sin) = (g.upload_table(&table(6)).unwrap(), g.upload_table(&table(7)).unwrap());
+        let mut qkv = g.from_host(m, l.width(), &rand(m * l.width(), 8, 1.0), DType::Bf16).unwrap();
+        let mut att = g.alloc(m, q * hd).unwrap();
+        let kv_bytes = (m * (pos + 1) * kv * hd * 2 * 2) as f64;
+        row("rope_write_kv".into(), (m * l.width() * 4) as f64, &mut || {
+            g.rope_write_kv(&mut qkv, l, &batch, &cos, &sin, &mut cache)
+        });
+        row(format!("attention, context {}", pos + 1), kv_bytes, &mut || {
+            g.attention(&qkv, l, &batch, &cache, &mut att)
         });
     }
 }
