@@ -15,7 +15,8 @@
 // data1, flag}, written with one 16-byte volatile store, and the flags are this call's epoch. A
 // receiver polls the line itself until both flags equal the epoch (8-byte words are never torn),
 // so there is no separate signal, fence or barrier, and no buffer is ever cleared: a stale line
-// carries an older epoch. Inside the node (steps 1 and 3) data goes plain, over NVLink, and each
+// carries an older epoch (the buffers start zeroed and epoch 0 is never used: after 2^32 calls
+// the 32-bit epoch wraps to 2, see next_epoch). Inside the node (steps 1 and 3) data goes plain, over NVLink, and each
 // block then releases one flag per destination holding the epoch; the receiving block acquires
 // it before reading (half the bytes of LL, one fence per block and phase). Every slot and flag
 // exists twice (epoch parity). A GPU writes a parity-p slot of a peer again only in
@@ -324,6 +325,18 @@ struct Sender {
     }
 };
 
+// The epoch after `last`. Lines and flags start zeroed, so epoch 0 would take a line or flag that
+// was never written for one sent in this call: after 2^32 calls the counter wraps from
+// 0xffffffff to 2, which keeps the parity alternating (slot reuse stays two calls apart).
+// YALIS_NVRAR_SKIP_ZERO=0 builds the old wrap (to 0), for the test that shows the difference.
+#ifndef YALIS_NVRAR_SKIP_ZERO
+#define YALIS_NVRAR_SKIP_ZERO 1
+#endif
+__device__ __forceinline__ unsigned next_epoch(unsigned last) {
+    const unsigned e = last + 1;
+    return (YALIS_NVRAR_SKIP_ZERO && e == 0) ? 2u : e;
+}
+
 // The last block to finish makes epoch `e` the finished one (every block read it first).
 __device__ __forceinline__ void finish(const NvrarArgs &a, unsigned e) {
     __syncthreads();
@@ -348,7 +361,7 @@ template <int DT> __device__ __forceinline__ void nvrar(const NvrarArgs &a) {
     const u64 stride = (u64)gridDim.x * blockDim.x;
 
     __shared__ unsigned s_epoch;
-    if (threadIdx.x == 0) s_epoch = *(volatile unsigned *)&a.ctrl[0] + 1;
+    if (threadIdx.x == 0) s_epoch = next_epoch(*(volatile unsigned *)&a.ctrl[0]);
     __syncthreads();
     const unsigned e = s_epoch;
     const u64 parity = (u64)(e & 1) * nslots(G, L) * a.slot_lines;

@@ -107,6 +107,10 @@ pub struct NvrarConfig {
     pub wide_packs: bool,
     /// How long a kernel waits for a peer's data before it traps.
     pub timeout: Duration,
+    /// The epoch the device counter starts from (the first call runs epoch + 1). 0 in use; a
+    /// value near 2^32 makes the wrap-around (which skips epoch 0, the flag of never-written
+    /// lines) happen within a short test (`--nvrar-start-epoch`). Every PE must pass the same.
+    pub start_epoch: u32,
 }
 
 impl Default for NvrarConfig {
@@ -121,6 +125,7 @@ impl Default for NvrarConfig {
             force_put: false,
             wide_packs: true,
             timeout: Duration::from_secs(60),
+            start_epoch: 0,
         }
     }
 }
@@ -324,8 +329,10 @@ impl Nvrar {
         unsafe { drv::memset_d8_sync(ll.device_ptr(), 0, bytes) }.map_err(|e| cu("clearing the LL buffer", e))?;
         // SAFETY: two words of device memory, freed in Drop.
         let ctrl = unsafe { drv::malloc_sync(8) }.map_err(|e| cu("cuMemAlloc", e))?;
-        // SAFETY: `ctrl` holds 8 bytes.
-        unsafe { drv::memset_d8_sync(ctrl, 0, 8) }.map_err(|e| cu("cuMemset", e))?;
+        // ctrl = [the last finished epoch, block arrivals].
+        let words = [cfg.start_epoch, 0u32];
+        // SAFETY: `ctrl` holds 8 bytes; `words` is 8 bytes of host memory.
+        unsafe { drv::memcpy_htod_sync(ctrl, &words) }.map_err(|e| cu("cuMemcpyHtoD (nvrar ctrl)", e))?;
         // Every PE's buffer is clear before any PE can write into it.
         session.barrier_all();
 

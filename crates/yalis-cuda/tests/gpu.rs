@@ -661,7 +661,11 @@ fn decode_op_breakdown(sh: &LayerShapes) {
     let batches: Vec<usize> = std::env::var("YALIS_BREAKDOWN_BATCHES")
         .unwrap_or_else(|_| "1,8".into())
         .split(',')
-        .map(|b| b.trim().parse().expect("YALIS_BREAKDOWN_BATCHES: a list of batch sizes"))
+        .map(|b| {
+            b.trim()
+                .parse()
+                .expect("YALIS_BREAKDOWN_BATCHES: a list of batch sizes")
+        })
         .collect();
     let runs = batches
         .iter()
@@ -729,7 +733,13 @@ fn decode_op_breakdown(sh: &LayerShapes) {
         };
         let mut cache = g.alloc_kv_cache(m, max_seq, kv, hd).unwrap();
         let batch = StepBatch {
-            seqs: (0..m).map(|i| SeqChunk { slot: i, start_pos: pos, len: 1 }).collect(),
+            seqs: (0..m)
+                .map(|i| SeqChunk {
+                    slot: i,
+                    start_pos: pos,
+                    len: 1,
+                })
+                .collect(),
         };
         let keys = vec![0u64; m];
         g.begin_step(&StepInputs {
@@ -744,7 +754,9 @@ fn decode_op_breakdown(sh: &LayerShapes) {
             data: HostData::F32(rand(max_seq * hd / 2, seed, 1.0)),
         };
         let (cos, sin) = (g.upload_table(&table(6)).unwrap(), g.upload_table(&table(7)).unwrap());
-        let mut qkv = g.from_host(m, l.width(), &rand(m * l.width(), 8, 1.0), DType::Bf16).unwrap();
+        let mut qkv = g
+            .from_host(m, l.width(), &rand(m * l.width(), 8, 1.0), DType::Bf16)
+            .unwrap();
         let mut att = g.alloc(m, q * hd).unwrap();
         let kv_bytes = (m * (pos + 1) * kv * hd * 2 * 2) as f64;
         row("rope_write_kv".into(), (m * l.width() * 4) as f64, &mut || {

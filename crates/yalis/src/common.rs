@@ -83,6 +83,10 @@ pub struct NvrarOpts {
     /// carry 8; across nodes 16 is ignored. 16 by measurement (benches/NOTES.md, NVRAR v4).
     #[arg(long, default_value_t = 16, value_parser = parse_pack_bytes)]
     pub nvrar_pack_bytes: usize,
+    /// Start NVRAR's call counter (epoch) here instead of 0: a value near 4294967295 makes its
+    /// 32-bit wrap-around happen within a short test run (scripts/gpu-nvrar-wrap.sh).
+    #[arg(long, default_value_t = 0)]
+    pub nvrar_start_epoch: u32,
 }
 
 fn parse_pack_bytes(s: &str) -> Result<usize, String> {
@@ -224,6 +228,7 @@ impl Runtime {
             force_put: self.nvrar.nvrar_put,
             wide_packs: self.nvrar.nvrar_pack_bytes == 16,
             timeout: self.timeout,
+            start_epoch: self.nvrar.nvrar_start_epoch,
         }
     }
 }
@@ -565,7 +570,7 @@ pub fn provenance(plan: &ParallelPlan, rt: &Runtime) -> Value {
             "nvrar": json!({
                 "gpus_per_node": rt.nvrar.gpus_per_node, "threads": rt.nvrar.nvrar_threads,
                 "max_blocks": rt.nvrar.nvrar_blocks, "oneshot_bytes": rt.nvrar.nvrar_oneshot_bytes, "ll_bytes": rt.nvrar.nvrar_ll_bytes, "force_put": rt.nvrar.nvrar_put,
-                "pack_bytes": rt.nvrar.nvrar_pack_bytes,
+                "pack_bytes": rt.nvrar.nvrar_pack_bytes, "start_epoch": rt.nvrar.nvrar_start_epoch,
             }),
             "comm_timeout_s": rt.timeout.as_secs(),
             "pp_microbatches": rt.pp_microbatches,
