@@ -20,7 +20,7 @@ for start in 4294967295 4294967294 4294967293 4294967291 4294967270; do
             --iters 8 --reps 2 --nvrar-start-epoch "$start" $layout --comm-timeout 60 >"$out/$tag.log" 2>&1; then
             echo "$tag: ok"
         else
-            echo "$tag: FAILED ($(grep -m1 -E 'wrong sums|error' "$out/$tag.log"))"
+            echo "$tag: FAILED ($(grep -m1 -E 'wrong sums|^yalis: error' "$out/$tag.log"))"
             fail=1
         fi
     done

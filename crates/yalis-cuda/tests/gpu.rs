@@ -724,7 +724,10 @@ fn decode_op_breakdown(sh: &LayerShapes) {
         });
         // Decode attention of m sequences at position 1088 of a 1152-position cache (input
         // 1024, output 128, mid-way): RoPE + KV write, then split-KV attention and its combine;
-        // the bytes are the K and V it reads.
+        // the bytes are the K and V it reads. No matmul in it: timed once per batch size.
+        if gemv {
+            continue;
+        }
         let (max_seq, pos) = (1152usize, 1088usize);
         let l = QkvLayout {
             q_heads: q,
